@@ -1,0 +1,644 @@
+// Package testdb starts throwaway PostgreSQL clusters from the system's
+// server binaries, for pgstagger's tests and examples.
+//
+// A [Cluster] is a real postmaster listening on a free TCP port on 127.0.0.1
+// with a private socket directory, scram-sha-256 password authentication and,
+// on request, TLS with certificates generated in Go. When the process runs as
+// root the server runs as an unprivileged user (PostgreSQL refuses root).
+//
+// The postmaster is a direct child of the test binary and is started with a
+// parent-death signal, so it shuts down even when the tests panic or are
+// killed; [Cluster.Close] stops it and removes its files. [Main] shares one
+// cluster across a package's tests:
+//
+//	var db *testdb.Cluster
+//
+//	func TestMain(m *testing.M) { testdb.Main(m, &db, testdb.Options{}) }
+//
+// Missing server binaries are an error that names the install command
+// (apt-get install postgresql); they are never a silent skip.
+package testdb
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// InstallHint is the command that installs the server binaries on Debian.
+const InstallHint = "apt-get install -y postgresql"
+
+// ErrNoServer is returned (wrapped) when no PostgreSQL server binaries are found.
+var ErrNoServer = errors.New("testdb: PostgreSQL server binaries (initdb, postgres) not found; install them with: " + InstallHint)
+
+// Options configure a new cluster. The zero value is a plain cluster with
+// scram-sha-256 authentication and no TLS.
+type Options struct {
+	// Settings are server settings (GUCs) written to postgresql.conf, for
+	// example {"max_connections": "20"}. They survive restarts.
+	Settings map[string]string
+	// TLS turns on ssl=on with a CA and a server certificate for 127.0.0.1
+	// and localhost, generated in Go; see [Cluster.CAFile].
+	TLS bool
+	// Password is the superuser's password; a random one by default.
+	Password string
+	// Log, when set, receives the server's log output.
+	Log func(line string)
+}
+
+// Cluster is one throwaway PostgreSQL cluster. Its methods are safe for
+// concurrent use.
+type Cluster struct {
+	// Fixed after Start.
+	bin      string // directory holding postgres and initdb
+	dir      string // everything of this cluster lives under dir
+	data     string // data directory
+	sockDir  string
+	port     int
+	user     string // database superuser name
+	password string
+	caFile   string // PEM of the CA that signed the server certificate, if TLS
+	cred     *syscall.Credential
+	log      func(string)
+
+	mu     sync.Mutex // guards the fields below
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has been waited for
+	logBuf *ringLog
+	closed bool
+}
+
+// Start creates a cluster with initdb, starts it and waits until it accepts
+// connections.
+func Start(opts Options) (c *Cluster, err error) {
+	bin, err := FindBinDir()
+	if err != nil {
+		return nil, err
+	}
+	cred, owner, err := serverCredential()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "pgstagger-testdb-")
+	if err != nil {
+		return nil, fmt.Errorf("testdb: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(dir)
+		}
+	}()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("testdb: %w", err)
+	}
+	c = &Cluster{
+		bin:      bin,
+		dir:      dir,
+		data:     filepath.Join(dir, "data"),
+		sockDir:  filepath.Join(dir, "sock"),
+		user:     "postgres",
+		password: opts.Password,
+		cred:     cred,
+		log:      opts.Log,
+		logBuf:   &ringLog{max: 200},
+	}
+	if c.password == "" {
+		c.password = randomHex(12)
+	}
+	if err := os.Mkdir(c.sockDir, 0o700); err != nil {
+		return nil, fmt.Errorf("testdb: %w", err)
+	}
+	pwfile := filepath.Join(dir, "pwfile")
+	if err := os.WriteFile(pwfile, []byte(c.password+"\n"), 0o600); err != nil {
+		return nil, fmt.Errorf("testdb: %w", err)
+	}
+	for _, p := range []string{dir, c.sockDir, pwfile} {
+		if err := owner.chown(p); err != nil {
+			return nil, err
+		}
+	}
+
+	initdb := exec.Command(filepath.Join(bin, "initdb"),
+		"-D", c.data, "-U", c.user, "--pwfile="+pwfile, "-A", "scram-sha-256",
+		"-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
+	initdb.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	if out, err := initdb.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("testdb: initdb: %w\n%s", err, out)
+	}
+	_ = os.Remove(pwfile)
+
+	conf := map[string]string{
+		"listen_addresses":        "'127.0.0.1'",
+		"unix_socket_directories": quote(c.sockDir),
+		"fsync":                   "off",
+		"synchronous_commit":      "off",
+		"full_page_writes":        "off",
+		"password_encryption":     "'scram-sha-256'",
+		"logging_collector":       "off",
+		"log_min_messages":        "warning",
+	}
+	if opts.TLS {
+		if err := c.writeCerts(owner); err != nil {
+			return nil, err
+		}
+		conf["ssl"] = "on"
+		conf["ssl_cert_file"] = quote(filepath.Join(c.data, "server.crt"))
+		conf["ssl_key_file"] = quote(filepath.Join(c.data, "server.key"))
+	}
+	for k, v := range opts.Settings {
+		conf[k] = quoteSetting(v)
+	}
+	if err := c.writeConf(conf, owner); err != nil {
+		return nil, err
+	}
+
+	for attempt := 0; ; attempt++ {
+		c.port, err = freePort()
+		if err != nil {
+			return nil, err
+		}
+		err = c.Start()
+		if err == nil {
+			return c, nil
+		}
+		// Another process may have taken the port between freePort and
+		// the server's bind; try a new one a few times.
+		if attempt == 4 || !strings.Contains(err.Error(), "could not bind") {
+			return nil, err
+		}
+	}
+}
+
+// versionedBinGlob is where Debian installs each major version's binaries.
+var versionedBinGlob = "/usr/lib/postgresql/*/bin"
+
+// FindBinDir returns the directory holding the server binaries: the one on
+// PATH, else `pg_config --bindir`, else the newest /usr/lib/postgresql/*/bin.
+func FindBinDir() (string, error) {
+	var tried []string
+	if p, err := exec.LookPath("postgres"); err == nil {
+		if real, err := filepath.EvalSymlinks(p); err == nil {
+			p = real
+		}
+		if d := filepath.Dir(p); hasServer(d) {
+			return d, nil
+		}
+		tried = append(tried, filepath.Dir(p))
+	}
+	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
+		d := strings.TrimSpace(string(out))
+		if hasServer(d) {
+			return d, nil
+		}
+		tried = append(tried, d)
+	}
+	dirs, _ := filepath.Glob(versionedBinGlob)
+	sort.Slice(dirs, func(i, j int) bool { return pgMajor(dirs[i]) > pgMajor(dirs[j]) })
+	for _, d := range dirs {
+		if hasServer(d) {
+			return d, nil
+		}
+		tried = append(tried, d)
+	}
+	if len(tried) == 0 {
+		tried = append(tried, "PATH", "pg_config --bindir", "/usr/lib/postgresql/*/bin")
+	}
+	return "", fmt.Errorf("%w (looked in %s)", ErrNoServer, strings.Join(tried, ", "))
+}
+
+func hasServer(dir string) bool {
+	for _, name := range []string{"postgres", "initdb"} {
+		if fi, err := os.Stat(filepath.Join(dir, name)); err != nil || fi.IsDir() {
+			return false
+		}
+	}
+	return true
+}
+
+func pgMajor(binDir string) int {
+	n, _ := strconv.Atoi(filepath.Base(filepath.Dir(binDir)))
+	return n
+}
+
+// Main starts a cluster with opts, stores it in *dst, runs the package's
+// tests and exits with their status after closing the cluster. A cluster that
+// cannot start (missing binaries included) fails the run with its reason.
+func Main(m *testing.M, dst **Cluster, opts Options) {
+	os.Exit(runMain(m, dst, opts))
+}
+
+func runMain(m *testing.M, dst **Cluster, opts Options) int {
+	c, err := Start(opts)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer c.Close()
+	*dst = c
+	return m.Run()
+}
+
+// ConnString returns a URL for database dbname ("postgres" if empty) as the
+// superuser, with sslmode=disable unless the cluster has TLS, in which case
+// it is verify-full against [Cluster.CAFile]. Extra query parameters are
+// appended as given ("pool_max_conns=4").
+func (c *Cluster) ConnString(dbname string, params ...string) string {
+	return c.ConnStringAs(c.user, c.password, dbname, params...)
+}
+
+// ConnStringAs is [Cluster.ConnString] for another user and password.
+func (c *Cluster) ConnStringAs(userName, password, dbname string, params ...string) string {
+	if dbname == "" {
+		dbname = "postgres"
+	}
+	q := url.Values{}
+	if c.caFile != "" {
+		q.Set("sslmode", "verify-full")
+		q.Set("sslrootcert", c.caFile)
+	} else {
+		q.Set("sslmode", "disable")
+	}
+	u := url.URL{
+		Scheme:   "postgres",
+		User:     url.UserPassword(userName, password),
+		Host:     net.JoinHostPort("127.0.0.1", strconv.Itoa(c.port)),
+		Path:     "/" + dbname,
+		RawQuery: q.Encode(),
+	}
+	s := u.String()
+	for _, p := range params {
+		s += "&" + p
+	}
+	return s
+}
+
+// Host is the address the server listens on: 127.0.0.1.
+func (c *Cluster) Host() string { return "127.0.0.1" }
+
+// Port is the server's TCP port.
+func (c *Cluster) Port() int { return c.port }
+
+// Addr is Host:Port.
+func (c *Cluster) Addr() string { return net.JoinHostPort(c.Host(), strconv.Itoa(c.port)) }
+
+// User is the superuser's name.
+func (c *Cluster) User() string { return c.user }
+
+// Password is the superuser's password.
+func (c *Cluster) Password() string { return c.password }
+
+// CAFile is the path of the PEM CA certificate that signed the server's
+// certificate, or "" without TLS.
+func (c *Cluster) CAFile() string { return c.caFile }
+
+// Exec runs SQL statements as the superuser on database "postgres" over a
+// fresh connection.
+func (c *Cluster) Exec(ctx context.Context, sql string) error {
+	conn, err := pgx.Connect(ctx, c.ConnString(""))
+	if err != nil {
+		return fmt.Errorf("testdb: connect: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if _, err := conn.Exec(ctx, sql); err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	return nil
+}
+
+// PID is the postmaster's process id, or 0 when it is not running.
+func (c *Cluster) PID() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cmd == nil {
+		return 0
+	}
+	return c.cmd.Process.Pid
+}
+
+// Start starts a stopped cluster and waits until it accepts connections
+// (after a [Cluster.Kill], that includes crash recovery).
+func (c *Cluster) Start() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return errors.New("testdb: cluster is closed")
+	}
+	if c.cmd != nil {
+		return errors.New("testdb: cluster is already running")
+	}
+	cmd := exec.Command(filepath.Join(c.bin, "postgres"), "-D", c.data, "-p", strconv.Itoa(c.port))
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential: c.cred,
+		// A postmaster outliving the test binary (panic, kill) gets an
+		// immediate shutdown instead of running on.
+		Pdeathsig: syscall.SIGQUIT,
+		Setpgid:   true,
+	}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	cmd.Stdout = nil
+	// Pdeathsig is tied to the thread that forks: keep the fork on one
+	// thread that the runtime will not retire while the process lives.
+	runtime.LockOSThread()
+	err = cmd.Start()
+	runtime.UnlockOSThread()
+	if err != nil {
+		return fmt.Errorf("testdb: start postgres: %w", err)
+	}
+	exited := make(chan struct{})
+	logDone := make(chan struct{})
+	go func() {
+		defer close(logDone)
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			line := sc.Text()
+			c.logBuf.add(line)
+			if c.log != nil {
+				c.log(line)
+			}
+		}
+	}()
+	go func() {
+		<-logDone
+		_ = cmd.Wait()
+		close(exited)
+	}()
+	c.cmd, c.exited = cmd, exited
+
+	if err := c.waitReady(exited, 60*time.Second); err != nil {
+		_ = cmd.Process.Kill()
+		<-exited
+		c.cmd, c.exited = nil, nil
+		return fmt.Errorf("%w\nserver log:\n%s", err, c.logBuf.String())
+	}
+	return nil
+}
+
+// waitReady polls postmaster.pid until the postmaster reports "ready", as
+// pg_ctl does.
+func (c *Cluster) waitReady(exited <-chan struct{}, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	pidFile := filepath.Join(c.data, "postmaster.pid")
+	for {
+		if b, err := os.ReadFile(pidFile); err == nil {
+			lines := strings.Split(string(b), "\n")
+			// Line 8 is the postmaster status (LOCK_FILE_LINE_PM_STATUS).
+			if len(lines) >= 8 && strings.TrimSpace(lines[7]) == "ready" &&
+				strings.TrimSpace(lines[0]) == strconv.Itoa(c.cmd.Process.Pid) {
+				return nil
+			}
+		}
+		select {
+		case <-exited:
+			return errors.New("testdb: postgres exited during startup")
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("testdb: postgres not ready after %v", timeout)
+		}
+	}
+}
+
+// Stop shuts the server down (fast shutdown: sessions are terminated) and
+// waits for the postmaster to exit. Stopping a stopped cluster does nothing.
+func (c *Cluster) Stop() error { return c.stop(syscall.SIGINT) }
+
+// Restart is Stop followed by Start.
+func (c *Cluster) Restart() error {
+	if err := c.Stop(); err != nil {
+		return err
+	}
+	return c.Start()
+}
+
+// Kill sends SIGKILL to the postmaster and waits for it to exit, leaving the
+// cluster to run crash recovery on the next [Cluster.Start]. Backends notice
+// the postmaster's death and exit by themselves.
+func (c *Cluster) Kill() error { return c.stop(syscall.SIGKILL) }
+
+func (c *Cluster) stop(sig syscall.Signal) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cmd == nil {
+		return nil
+	}
+	// A frozen postmaster cannot act on a signal until it is thawed.
+	_ = c.cmd.Process.Signal(syscall.SIGCONT)
+	if err := c.cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("testdb: signal postmaster: %w", err)
+	}
+	select {
+	case <-c.exited:
+	case <-time.After(60 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-c.exited
+	}
+	c.cmd, c.exited = nil, nil
+	if sig == syscall.SIGKILL {
+		// Wait for orphaned backends to let go of shared memory, so that
+		// the next Start can run crash recovery at once.
+		c.waitBackendsGone(10 * time.Second)
+	}
+	return nil
+}
+
+// waitBackendsGone waits until no process has the data directory as its
+// working directory (backends chdir into it), reading /proc.
+func (c *Cluster) waitBackendsGone(timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		busy := false
+		entries, _ := os.ReadDir("/proc")
+		for _, e := range entries {
+			if _, err := strconv.Atoi(e.Name()); err != nil {
+				continue
+			}
+			if cwd, err := os.Readlink(filepath.Join("/proc", e.Name(), "cwd")); err == nil && cwd == c.data {
+				busy = true
+				break
+			}
+		}
+		if !busy {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Freeze stops the postmaster with SIGSTOP: it accepts no connection until
+// [Cluster.Thaw]. Existing backends keep running.
+func (c *Cluster) Freeze() error { return c.signal(syscall.SIGSTOP) }
+
+// Thaw resumes a frozen postmaster with SIGCONT.
+func (c *Cluster) Thaw() error { return c.signal(syscall.SIGCONT) }
+
+func (c *Cluster) signal(sig syscall.Signal) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cmd == nil {
+		return errors.New("testdb: cluster is not running")
+	}
+	if err := c.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("testdb: signal postmaster: %w", err)
+	}
+	return nil
+}
+
+// Close stops the server and removes the cluster's files. It is safe to call
+// more than once.
+func (c *Cluster) Close() error {
+	err := c.Stop()
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	if rmErr := os.RemoveAll(c.dir); rmErr != nil && err == nil {
+		err = rmErr
+	}
+	return err
+}
+
+// Log returns the server's most recent log lines.
+func (c *Cluster) Log() string { return c.logBuf.String() }
+
+func (c *Cluster) writeConf(conf map[string]string, owner fileOwner) error {
+	var b bytes.Buffer
+	b.WriteString("\n# testdb\n")
+	keys := make([]string, 0, len(conf))
+	for k := range conf {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(&b, "%s = %s\n", k, conf[k])
+	}
+	f, err := os.OpenFile(filepath.Join(c.data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	if _, err := f.Write(b.Bytes()); err != nil {
+		f.Close()
+		return fmt.Errorf("testdb: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	hba := "local all all scram-sha-256\n" +
+		"host all all 127.0.0.1/32 scram-sha-256\n" +
+		"host all all ::1/128 scram-sha-256\n"
+	p := filepath.Join(c.data, "pg_hba.conf")
+	if err := os.WriteFile(p, []byte(hba), 0o600); err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	return owner.chown(p)
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("testdb: find a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// fileOwner changes ownership of files the server must own; a no-op when the
+// process is not root.
+type fileOwner struct{ uid, gid int }
+
+func (o fileOwner) chown(path string) error {
+	if o.uid < 0 {
+		return nil
+	}
+	if err := os.Chown(path, o.uid, o.gid); err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	return nil
+}
+
+// serverCredential picks the user the server runs as: the current one, or,
+// for root, the "postgres" user (created by Debian's postgresql package) or
+// "nobody".
+func serverCredential() (*syscall.Credential, fileOwner, error) {
+	if os.Geteuid() != 0 {
+		return nil, fileOwner{uid: -1}, nil
+	}
+	for _, name := range []string{"postgres", "nobody"} {
+		u, err := user.Lookup(name)
+		if err != nil {
+			continue
+		}
+		uid, err1 := strconv.Atoi(u.Uid)
+		gid, err2 := strconv.Atoi(u.Gid)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), NoSetGroups: true},
+			fileOwner{uid: uid, gid: gid}, nil
+	}
+	return nil, fileOwner{}, errors.New("testdb: running as root and no unprivileged user (postgres or nobody) exists to run the server; create one or run as a normal user")
+}
+
+func quote(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// quoteSetting quotes a setting value unless it is a plain number or word.
+func quoteSetting(v string) string {
+	if v == "" {
+		return "''"
+	}
+	for _, r := range v {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_') {
+			return quote(v)
+		}
+	}
+	return v
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// ringLog keeps the last max lines written to it.
+type ringLog struct {
+	mu    sync.Mutex
+	max   int
+	lines []string
+}
+
+func (r *ringLog) add(line string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lines = append(r.lines, line)
+	if len(r.lines) > r.max {
+		r.lines = r.lines[len(r.lines)-r.max:]
+	}
+}
+
+func (r *ringLog) String() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return strings.Join(r.lines, "\n")
+}
