@@ -38,6 +38,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -81,6 +82,11 @@ type Cluster struct {
 	cred     *syscall.Credential
 	log      func(string)
 
+	received atomic.Int64 // "connection received" log lines
+
+	recvMu      sync.Mutex
+	recvChanged chan struct{} // guarded by recvMu: closed and replaced on each count
+
 	mu     sync.Mutex // guards the fields below
 	cmd    *exec.Cmd
 	exited chan struct{} // closed when cmd has been waited for
@@ -121,6 +127,8 @@ func Start(opts Options) (c *Cluster, err error) {
 		cred:     cred,
 		log:      opts.Log,
 		logBuf:   &ringLog{max: 200},
+
+		recvChanged: make(chan struct{}),
 	}
 	if c.password == "" {
 		c.password = randomHex(12)
@@ -156,6 +164,9 @@ func Start(opts Options) (c *Cluster, err error) {
 		"password_encryption":     "'scram-sha-256'",
 		"logging_collector":       "off",
 		"log_min_messages":        "warning",
+		// One "connection received" line per TCP connection the
+		// postmaster forks for; see ConnectionsReceived.
+		"log_connections": "on",
 	}
 	if opts.TLS {
 		if err := c.writeCerts(owner); err != nil {
@@ -374,6 +385,13 @@ func (c *Cluster) Start() error {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			line := sc.Text()
+			if strings.Contains(line, "connection received: ") {
+				c.recvMu.Lock()
+				c.received.Add(1)
+				close(c.recvChanged)
+				c.recvChanged = make(chan struct{})
+				c.recvMu.Unlock()
+			}
 			c.logBuf.add(line)
 			if c.log != nil {
 				c.log(line)
@@ -517,6 +535,32 @@ func (c *Cluster) Close() error {
 		err = rmErr
 	}
 	return err
+}
+
+// ConnectionsReceived counts the TCP connections the server has accepted
+// and forked a backend for since Start (CancelRequests included), read from
+// its log. The count is exact once the server has logged the connection,
+// which it does as the backend starts; see [Cluster.WaitConnectionsReceived].
+func (c *Cluster) ConnectionsReceived() int64 { return c.received.Load() }
+
+// WaitConnectionsReceived waits up to timeout for the count to reach n and
+// returns the count.
+func (c *Cluster) WaitConnectionsReceived(n int64, timeout time.Duration) int64 {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		c.recvMu.Lock()
+		got, changed := c.received.Load(), c.recvChanged
+		c.recvMu.Unlock()
+		if got >= n {
+			return got
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			return c.received.Load()
+		}
+	}
 }
 
 // Log returns the server's most recent log lines.

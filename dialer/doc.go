@@ -1,0 +1,56 @@
+// Package dialer is pgstagger's connection-establishment gate: the part that
+// stands between a client and PostgreSQL's postmaster and decides when a new
+// connection may be made.
+//
+// The postmaster accepts every connection in one single-threaded loop and
+// forks a backend for each. When a fleet of processes connects at once the
+// loop saturates and every client waits, not only the fleet. A [Dialer]
+// keeps a process from taking part in such a stampede:
+//
+//   - startup jitter: its first connections wait a uniform random delay in
+//     [0, window) ([WithStartupJitter]);
+//   - a token bucket (golang.org/x/time/rate) on new TCP connections, counted
+//     per connection the server forks for: multi-host fallbacks and
+//     sslmode=prefer's second dial take a token each ([WithConnectRate],
+//     [WithLimiter]). CancelRequest connections are charged but never wait,
+//     so a cancel is never starved;
+//   - at most n establishments in flight ([WithMaxConnecting]);
+//   - retries of transient failures with backoff and full jitter
+//     (github.com/cenkalti/backoff/v4, [WithBackOff]), and a shared recovery
+//     backoff after failures for establishments outside a retry loop, such
+//     as a pool's background refills;
+//   - a fleet budget that derives the window and the rate from the fleet's
+//     size and what the server should absorb ([WithFleet]).
+//
+// Every wait is bounded by the caller's context. A wait whose end is known
+// (startup delay, bucket, backoff) and falls after the caller's deadline is
+// not waited at all: the caller gets an error matching [ErrShed] and
+// context.DeadlineExceeded at once, and the server is not touched.
+//
+// # Using it
+//
+// One connection with the protections:
+//
+//	conn, err := dialer.Connect(ctx, "postgres://app@db/app", dialer.WithFleet(500, 200))
+//
+// Installed on a configuration, every connection made with it passes the
+// gate. [Dialer.Install] takes a *pgx.ConnConfig and [Dialer.InstallPool] a
+// *pgxpool.Config; both keep the configuration's DialFunc, LookupFunc and
+// Tracer working, composing the tracer with pgx's multitracer. Package
+// [github.com/pgstagger/pgstagger/pool] does this for pgxpool and adds the
+// retry loops to the pool's methods.
+//
+// # Errors
+//
+// [Classify] sorts errors from connection attempts into [Transient] (refused,
+// reset, unexpected EOF, timeouts, SQLSTATE 53300, 57P01-57P03, class 08),
+// [Permanent] (authentication 28P01/28000, unknown database 3D000, privilege
+// 42501, TLS verification, invalid configuration, anything unknown), [Shed]
+// and [Closed]. Only transient failures of establishing a connection are
+// retried; an error from a query on an established connection never is. A
+// retry loop that stops returns a [*GaveUpError] with the attempt count and
+// the last cause. [ErrInvalidOption] marks bad options and connection
+// strings; no error the package makes contains a password.
+//
+// A Dialer is safe for concurrent use.
+package dialer

@@ -1,0 +1,380 @@
+package dialer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
+	"golang.org/x/time/rate"
+)
+
+// These tests exercise the waits the gate imposes before the server is
+// touched. They run in a synctest bubble, where time is fake and exact, with
+// a DialFunc that never reaches the network: it either refuses, like a port
+// with no server, or blocks until its context ends, like a frozen one.
+
+// fakeDials records dial times and answers each dial with refused, or blocks
+// until ctx is done when block is set.
+type fakeDials struct {
+	mu    sync.Mutex
+	times []time.Time
+	block bool
+}
+
+func (f *fakeDials) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	f.mu.Lock()
+	f.times = append(f.times, time.Now())
+	block := f.block
+	f.mu.Unlock()
+	if block {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+}
+
+func (f *fakeDials) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.times)
+}
+
+func fakeConfig(t *testing.T, f *fakeDials) *pgx.ConnConfig {
+	t.Helper()
+	cfg, err := ParseConfig("postgres://u:pw@127.0.0.1:5432/x?sslmode=disable&connect_timeout=0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DialFunc = f.dial
+	return cfg
+}
+
+func noRetry() backoff.BackOff { return &backoff.StopBackOff{} }
+
+func TestBucketSpacesDialsExactly(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		d, err := New(WithStartupJitter(0), WithConnectRate(10, 1), WithMaxConnecting(50), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() { _, _ = d.Connect(context.Background(), cfg) })
+		}
+		wg.Wait()
+		if len(f.times) != 8 {
+			t.Fatalf("%d dials, want 8", len(f.times))
+		}
+		first := f.times[0]
+		for _, ts := range f.times {
+			if ts.Before(first) {
+				first = ts
+			}
+		}
+		seen := map[time.Duration]bool{}
+		for _, ts := range f.times {
+			seen[ts.Sub(first)] = true
+		}
+		for k := range 8 {
+			if at := time.Duration(k) * 100 * time.Millisecond; !seen[at] {
+				t.Errorf("no dial at +%v; dials at %v", at, seen)
+			}
+		}
+		if s := d.Stats(); s.RateWait.Count != 7 || s.Dials != 8 || s.Transient != 8 {
+			t.Errorf("stats = %+v, want 7 rate waits, 8 dials, 8 transient failures", s)
+		}
+	})
+}
+
+func TestRetryBacksOffWithFullJitter(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		policy := func() backoff.BackOff {
+			return backoff.WithMaxRetries(FullJitter(backoff.NewExponentialBackOff(
+				backoff.WithInitialInterval(100*time.Millisecond), backoff.WithMultiplier(2),
+				backoff.WithRandomizationFactor(0), backoff.WithMaxElapsedTime(0)),
+				func() float64 { return 0.5 }), 3)
+		}
+		d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithBackOff(policy))
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_, err = d.Connect(context.Background(), fakeConfig(t, f))
+		var g *GaveUpError
+		if !errors.As(err, &g) || g.Attempts != 4 {
+			t.Fatalf("err = %v, want GaveUpError after 4 attempts", err)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("a policy stop reported as a deadline: %v", err)
+		}
+		// Waits of half of 100ms, 200ms, 400ms.
+		want := []time.Duration{0, 50 * time.Millisecond, 150 * time.Millisecond, 350 * time.Millisecond}
+		for i, ts := range f.times {
+			if got := ts.Sub(start); got != want[i] {
+				t.Errorf("attempt %d at +%v, want +%v", i+1, got, want[i])
+			}
+		}
+		if s := d.Stats(); s.Retries != 3 || s.Establishments != 4 || s.BackoffWait.Total != 350*time.Millisecond {
+			t.Errorf("stats = %+v, want 3 retries, 4 establishments, 350ms of backoff", s)
+		}
+	})
+}
+
+func TestRetryStopsAtOnceWhenBackoffCannotFitDeadline(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1),
+			WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Second) }))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		_, err = d.Connect(ctx, fakeConfig(t, f))
+		var g *GaveUpError
+		if !errors.As(err, &g) || g.Attempts != 3 || !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("err = %v, want GaveUpError after 3 attempts matching DeadlineExceeded", err)
+		}
+		if got := time.Since(start); got != 2*time.Second {
+			t.Errorf("returned after %v, want 2s: the third wait cannot fit and is not waited", got)
+		}
+	})
+}
+
+func TestStartupJitterHoldsEveryCallerUntilRelease(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		d, err := New(WithStartupJitter(time.Second), withRand(func() float64 { return 0.25 }),
+			WithConnectRate(rate.Inf, 1), WithMaxConnecting(10), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		start := time.Now()
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() { _, _ = d.Connect(context.Background(), cfg) })
+		}
+		wg.Wait()
+		for _, ts := range f.times {
+			if got := ts.Sub(start); got != 250*time.Millisecond {
+				t.Errorf("dial at +%v, want every first dial at the release time +250ms", got)
+			}
+		}
+		if s := d.Stats(); s.JitterWait.Count != 4 {
+			t.Errorf("jitter waits = %d, want 4", s.JitterWait.Count)
+		}
+		// After the release, nobody waits for it again.
+		_, _ = d.Connect(context.Background(), cfg)
+		if got := f.times[len(f.times)-1].Sub(start); got != 250*time.Millisecond {
+			t.Errorf("connect after release dialled at +%v, want at once", got)
+		}
+	})
+}
+
+func TestShedBeforeTouchingServer(t *testing.T) {
+	cases := []struct {
+		name string
+		opts []Option
+		prep func(d *Dialer)
+		wait string
+	}{
+		{"startup jitter", []Option{WithStartupJitter(time.Second), withRand(func() float64 { return 0.5 })}, nil, "startup jitter"},
+		{"rate limit", []Option{WithStartupJitter(0), WithConnectRate(1, 1)},
+			func(d *Dialer) { d.limiter.Allow() }, "rate limit"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				f := &fakeDials{}
+				d, err := New(append(c.opts, WithBackOff(noRetry))...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				cfg := fakeConfig(t, f)
+				if err := d.Install(cfg); err != nil {
+					t.Fatal(err)
+				}
+				if c.prep != nil {
+					c.prep(d)
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+				defer cancel()
+				start := time.Now()
+				_, err = d.Connect(ctx, cfg)
+				if !errors.Is(err, ErrShed) || !errors.Is(err, context.DeadlineExceeded) || Classify(err) != Shed {
+					t.Fatalf("err = %v, want a shed error", err)
+				}
+				if got := time.Since(start); got != 0 {
+					t.Errorf("shed after %v, want at once", got)
+				}
+				if f.count() != 0 {
+					t.Errorf("%d dials: a shed connect must not touch the server", f.count())
+				}
+				if s := d.Stats(); s.Shed != 1 {
+					t.Errorf("shed count = %d, want 1", s.Shed)
+				}
+			})
+		})
+	}
+}
+
+func TestRecoveryBackoffOutsideRetryLoops(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithBackOff(func() backoff.BackOff {
+			return backoff.NewConstantBackOff(time.Second)
+		}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		if err := d.Install(cfg); err != nil {
+			t.Fatal(err)
+		}
+		// A plain pgx connect (as pgxpool's background refills make) fails;
+		// the next one waits the Dialer's backoff before touching the server.
+		start := time.Now()
+		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("first connect: %v", err)
+		}
+		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("second connect: %v", err)
+		}
+		if got := f.times[1].Sub(start); got != time.Second {
+			t.Errorf("second attempt at +%v, want +1s after the failure", got)
+		}
+		// A caller whose deadline ends before the backoff is shed.
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		if _, err := pgx.ConnectConfig(ctx, cfg); !errors.Is(err, ErrShed) {
+			t.Errorf("connect during recovery with a short deadline: %v, want shed", err)
+		}
+	})
+}
+
+// TestWaitsEndOnCancelAndClose puts establishments in every kind of wait and
+// checks that cancelling their context, or closing the Dialer, ends each at
+// once.
+func TestWaitsEndOnCancelAndClose(t *testing.T) {
+	kinds := []struct {
+		name  string
+		opts  []Option
+		setup func(d *Dialer, f *fakeDials)
+	}{
+		{"startup jitter", []Option{WithStartupJitter(time.Hour)}, nil},
+		{"rate limit", []Option{WithStartupJitter(0), WithConnectRate(0.001, 1)},
+			func(d *Dialer, _ *fakeDials) { d.limiter.Allow() }},
+		{"connecting slot", []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithMaxConnecting(1)},
+			func(d *Dialer, f *fakeDials) { f.block = true }},
+		{"backoff", []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1),
+			WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) })}, nil},
+	}
+	for _, k := range kinds {
+		for _, end := range []string{"cancel", "close"} {
+			t.Run(k.name+"/"+end, func(t *testing.T) {
+				synctest.Test(t, func(t *testing.T) {
+					f := &fakeDials{}
+					d, err := New(k.opts...)
+					if err != nil {
+						t.Fatal(err)
+					}
+					cfg := fakeConfig(t, f)
+					if err := d.Install(cfg); err != nil {
+						t.Fatal(err)
+					}
+					if k.setup != nil {
+						k.setup(d, f)
+					}
+					ctx, cancel := context.WithCancel(context.Background())
+					defer cancel()
+					const n = 5
+					errs := make(chan error, n)
+					for range n {
+						go func() {
+							_, err := d.Connect(ctx, cfg)
+							errs <- err
+						}()
+					}
+					synctest.Wait() // every caller is now blocked in its wait
+					select {
+					case err := <-errs:
+						t.Fatalf("a caller returned before the end: %v", err)
+					default:
+					}
+					start := time.Now()
+					if end == "cancel" {
+						cancel()
+					} else {
+						d.Close()
+					}
+					for range n {
+						err := <-errs
+						want := error(context.Canceled)
+						if end == "close" {
+							want = ErrClosed
+						}
+						if !errors.Is(err, want) {
+							t.Errorf("err = %v, want %v", err, want)
+						}
+					}
+					if got := time.Since(start); got != 0 {
+						t.Errorf("waits ended %v after the %s, want at once", got, end)
+					}
+				})
+			})
+		}
+	}
+}
+
+func TestCancelRequestsNeverWaitForTheBucket(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		lim := rate.NewLimiter(1, 1)
+		d, err := New(WithLimiter(lim))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		if err := d.Install(cfg); err != nil {
+			t.Fatal(err)
+		}
+		lim.Allow() // the bucket is empty
+		// A dial outside any establishment is a CancelRequest.
+		start := time.Now()
+		_, _ = cfg.DialFunc(context.Background(), "tcp", "127.0.0.1:5432")
+		if got := time.Since(start); got != 0 {
+			t.Errorf("cancel dial waited %v", got)
+		}
+		if s := d.Stats(); s.CancelDials != 1 {
+			t.Errorf("cancel dials = %d, want 1", s.CancelDials)
+		}
+		// It was charged: the bucket is a token further in debt.
+		if tokens := lim.Tokens(); tokens > -0.99 {
+			t.Errorf("bucket holds %.2f tokens, want about -1 after charging the cancel", tokens)
+		}
+	})
+}
+
+func ExampleClassify() {
+	for _, err := range []error{nil, ErrClosed, fmt.Errorf("%w: bad", ErrInvalidOption)} {
+		fmt.Println(Classify(err))
+	}
+	// Output:
+	// ok
+	// closed
+	// permanent
+}

@@ -1,0 +1,405 @@
+package dialer
+
+import (
+	"context"
+	"errors"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
+	"golang.org/x/time/rate"
+)
+
+// These tests run against the package's real PostgreSQL cluster and observe
+// the server's side through its count of accepted connections.
+
+func TestBucketHoldsAgainstRealServer(t *testing.T) {
+	const n = 12
+	r := 30.0
+	var mu sync.Mutex
+	var dials []time.Time
+	cfg, err := ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nd net.Dialer
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dials = append(dials, time.Now())
+		mu.Unlock()
+		return nd.DialContext(ctx, network, addr)
+	}
+	d, err := New(WithStartupJitter(0), WithConnectRate(rate.Limit(r), 1), WithMaxConnecting(n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := db.ConnectionsReceived()
+	var wg sync.WaitGroup
+	conns := make(chan *pgx.Conn, n)
+	for range n {
+		wg.Go(func() {
+			c, err := d.Connect(context.Background(), cfg)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			conns <- c
+		})
+	}
+	wg.Wait()
+	close(conns)
+	for c := range conns {
+		c.Close(context.Background())
+	}
+	if got := db.WaitConnectionsReceived(before+n, 5*time.Second) - before; got != n {
+		t.Errorf("server accepted %d connections, want %d", got, n)
+	}
+	slices.SortFunc(dials, func(a, b time.Time) int { return a.Compare(b) })
+	// Token k is available 1/r after token k-1: the k-th dial cannot come
+	// before k/r after the first.
+	for k := 1; k < len(dials); k++ {
+		min := time.Duration(float64(k) / r * float64(time.Second))
+		if got := dials[k].Sub(dials[0]); got < min-2*time.Millisecond {
+			t.Errorf("dial %d at +%v, before the bucket allows (+%v)", k, got, min)
+		}
+	}
+	if total, want := dials[len(dials)-1].Sub(dials[0]), time.Duration(float64(n-1)/r*float64(time.Second)); total > 4*want {
+		t.Errorf("%d connects took %v, want about %v", n, total, want)
+	}
+}
+
+func TestPreferDialsTwiceAndBothAreCounted(t *testing.T) {
+	d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := ParseConfig(strings.Replace(db.ConnString(""), "sslmode=disable", "sslmode=prefer", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := db.ConnectionsReceived()
+	const n = 3
+	for range n {
+		c, err := d.Connect(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close(context.Background())
+	}
+	server := db.WaitConnectionsReceived(before+2*n, 5*time.Second) - before
+	if s := d.Stats(); s.Dials != 2*n || server != 2*n {
+		t.Errorf("gate counted %d dials and the server %d connections for %d connects, want %d each", s.Dials, server, n, 2*n)
+	}
+	if p := d.Plan(); p.Dials != 2 {
+		t.Errorf("plan dials per connect = %d, want 2 for sslmode=prefer", p.Dials)
+	}
+}
+
+func TestStartupJitterSpreadsFirstConnects(t *testing.T) {
+	const window = 400 * time.Millisecond
+	draws := []float64{0.8, 0.1, 0.55, 0.3}
+	type result struct {
+		draw float64
+		at   time.Duration
+	}
+	results := make(chan result, len(draws))
+	var wg sync.WaitGroup
+	for _, r := range draws {
+		d, err := New(WithStartupJitter(window), withRand(func() float64 { return r }))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := ParseConfig(db.ConnString(""))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var first atomic.Int64
+		var nd net.Dialer
+		cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			first.CompareAndSwap(0, time.Now().UnixNano())
+			return nd.DialContext(ctx, network, addr)
+		}
+		start := time.Now()
+		if err := d.Install(cfg); err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() {
+			c, err := pgx.ConnectConfig(context.Background(), cfg)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			c.Close(context.Background())
+			results <- result{r, time.Unix(0, first.Load()).Sub(start)}
+		})
+	}
+	wg.Wait()
+	close(results)
+	var got []result
+	for r := range results {
+		if min := time.Duration(r.draw * float64(window)); r.at < min {
+			t.Errorf("draw %.2f: first dial at +%v, before its release at +%v", r.draw, r.at, min)
+		}
+		got = append(got, r)
+	}
+	slices.SortFunc(got, func(a, b result) int { return int(a.at - b.at) })
+	for i := 1; i < len(got); i++ {
+		if got[i].draw < got[i-1].draw {
+			t.Errorf("first connects not in release order: %+v", got)
+		}
+	}
+}
+
+func TestMaxConnectingCapsEstablishmentsInFlight(t *testing.T) {
+	const limit, callers = 3, 12
+	var active, peak atomic.Int32
+	cfg, err := ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nd net.Dialer
+	// An establishment is in flight from its dial to the end of startup.
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		n := active.Add(1)
+		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+		}
+		return nd.DialContext(ctx, network, addr)
+	}
+	cfg.AfterConnect = func(context.Context, *pgconn.PgConn) error {
+		// Hold the slot a moment so that, uncapped, callers would overlap.
+		time.Sleep(20 * time.Millisecond)
+		active.Add(-1)
+		return nil
+	}
+	d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithMaxConnecting(limit))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for range callers {
+		wg.Go(func() {
+			c, err := d.Connect(context.Background(), cfg)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			c.Close(context.Background())
+		})
+	}
+	wg.Wait()
+	if p := peak.Load(); p != limit {
+		t.Errorf("peak establishments in flight = %d, want exactly %d (capped, and reached)", p, limit)
+	}
+	if s := d.Stats(); s.SlotWait.Count == 0 {
+		t.Errorf("no caller waited for a slot: %+v", s)
+	}
+}
+
+func TestTransientFailuresAreRetriedUntilTheServerIsBack(t *testing.T) {
+	if err := db.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	restarted := make(chan error, 1)
+	var once sync.Once
+	cfg, err := ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nd net.Dialer
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := nd.DialContext(ctx, network, addr)
+		if err != nil {
+			// The first refused dial brings the server back.
+			once.Do(func() { go func() { restarted <- db.Start() }() })
+		}
+		return c, err
+	}
+	d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1),
+		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(50 * time.Millisecond) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := d.Connect(ctx, cfg)
+	if serr := <-restarted; serr != nil {
+		t.Fatal(serr)
+	}
+	if err != nil {
+		t.Fatalf("connect across the restart: %v", err)
+	}
+	c.Close(context.Background())
+	s := d.Stats()
+	if s.Transient < 1 || s.OK != 1 || s.Establishments != s.Transient+1 || s.Retries != s.Transient {
+		t.Errorf("stats = %+v, want transient failures each followed by a retry, then one success", s)
+	}
+}
+
+func TestRetryGivesUpAtTheCallersDeadline(t *testing.T) {
+	// A port with no server refuses every connect.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	_, port, _ := net.SplitHostPort(addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = Connect(ctx, "postgres://u:pw@127.0.0.1:"+port+"/x?sslmode=disable", WithStartupJitter(0))
+	var g *GaveUpError
+	if !errors.As(err, &g) || g.Attempts < 2 || !errors.Is(err, context.DeadlineExceeded) || Classify(g.Err) != Transient {
+		t.Fatalf("err = %v, want GaveUpError after several transient attempts, matching DeadlineExceeded", err)
+	}
+	if elapsed := time.Since(start); elapsed > 600*time.Millisecond+200*time.Millisecond {
+		t.Errorf("returned %v after start, long past the 600ms deadline", elapsed)
+	}
+}
+
+func TestPermanentFailuresAreNotRetried(t *testing.T) {
+	if err := db.Exec(context.Background(), "create role app login password 'right-pw'"); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name, url, sqlstate string
+	}{
+		{"wrong password", db.ConnStringAs("app", "wr0ng-pw-xyz", ""), "28P01"},
+		{"unknown role", db.ConnStringAs("nobody_here", "wr0ng-pw-xyz", ""), "28P01"},
+		{"unknown database", db.ConnStringAs("app", "right-pw", "no_such_db"), "3D000"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d, err := New(WithStartupJitter(0))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg, err := ParseConfig(c.url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			before := db.ConnectionsReceived()
+			_, err = d.Connect(context.Background(), cfg)
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) || pgErr.Code != c.sqlstate || Classify(err) != Permanent {
+				t.Fatalf("err = %v, want permanent SQLSTATE %s", err, c.sqlstate)
+			}
+			var g *GaveUpError
+			if errors.As(err, &g) {
+				t.Errorf("a permanent failure went through the retry loop: %v", err)
+			}
+			if s := d.Stats(); s.Establishments != 1 || s.Dials != 1 {
+				t.Errorf("stats = %+v, want exactly one attempt and one dial", s)
+			}
+			if got := db.WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
+				t.Errorf("server saw %d connections, want 1", got)
+			}
+			if strings.Contains(err.Error(), "wr0ng-pw-xyz") || strings.Contains(err.Error(), "right-pw") {
+				t.Errorf("error leaks a password: %v", err)
+			}
+		})
+	}
+}
+
+// userTracer records that pgx called it, for checking composition.
+type userTracer struct {
+	connects, queries atomic.Int32
+}
+
+func (u *userTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	u.queries.Add(1)
+	return ctx
+}
+func (u *userTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (u *userTracer) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {
+	u.connects.Add(1)
+	return ctx
+}
+func (u *userTracer) TraceConnectEnd(context.Context, pgx.TraceConnectEndData) {}
+
+func TestUserHooksKeepWorking(t *testing.T) {
+	cfg, err := ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ut := &userTracer{}
+	var dialled, looked atomic.Int32
+	var nd net.Dialer
+	cfg.Tracer = ut
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dialled.Add(1)
+		return nd.DialContext(ctx, network, addr)
+	}
+	cfg.LookupFunc = func(ctx context.Context, host string) ([]string, error) {
+		looked.Add(1)
+		return []string{host}, nil
+	}
+	d, err := New(WithStartupJitter(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := d.Connect(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(context.Background())
+	if _, err := c.Exec(context.Background(), "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	if dialled.Load() != 1 || looked.Load() != 1 || ut.connects.Load() != 1 || ut.queries.Load() != 1 {
+		t.Errorf("user hooks: dial %d, lookup %d, connect trace %d, query trace %d; want 1 each",
+			dialled.Load(), looked.Load(), ut.connects.Load(), ut.queries.Load())
+	}
+	if s := d.Stats(); s.Dials != 1 || s.OK != 1 {
+		t.Errorf("gate stats = %+v, want the connect to pass the gate", s)
+	}
+	if cfg.Tracer != ut {
+		t.Errorf("Connect modified the caller's config")
+	}
+}
+
+func TestCancelRequestNotStarvedByEmptyBucket(t *testing.T) {
+	lim := rate.NewLimiter(rate.Every(time.Hour), 1)
+	d, err := New(WithStartupJitter(0), WithLimiter(lim))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Cancel queries with a CancelRequest on a new connection (pgx's
+	// default closes the socket instead), with a socket deadline long
+	// after it as the fallback.
+	cfg.BuildContextWatcherHandler = func(pc *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.CancelRequestContextWatcherHandler{Conn: pc, DeadlineDelay: 20 * time.Second}
+	}
+	c, err := d.Connect(context.Background(), cfg) // takes the only token
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = c.Exec(ctx, "select pg_sleep(30)")
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "57014" {
+		t.Fatalf("err = %v, want the query cancelled by the server (57014)", err)
+	}
+	// Without the CancelRequest only the 20s socket deadline would end it.
+	if elapsed := time.Since(start); elapsed > 10*time.Second {
+		t.Errorf("cancel took %v", elapsed)
+	}
+	if s := d.Stats(); s.CancelDials != 1 {
+		t.Errorf("cancel dials = %d, want 1", s.CancelDials)
+	}
+}

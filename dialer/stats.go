@@ -1,0 +1,68 @@
+package dialer
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// Stats is a snapshot of what a Dialer has done since it was created.
+type Stats struct {
+	Establishments int64 // connection establishments begun
+	OK             int64 // ... that succeeded
+	Transient      int64 // ... that failed transiently (retryable)
+	Permanent      int64 // ... that failed permanently
+	Closed         int64 // ... ended by Close
+	Shed           int64 // waits refused because the caller's deadline came first
+	Retries        int64 // retry-loop attempts after the first
+	Dials          int64 // TCP connections opened for establishments
+	CancelDials    int64 // TCP connections opened for CancelRequests
+
+	JitterWait  WaitStats // startup jitter
+	RateWait    WaitStats // token bucket
+	SlotWait    WaitStats // MaxConnecting slots
+	BackoffWait WaitStats // backoff between attempts and after failures
+}
+
+// WaitStats counts one kind of wait the gate imposed.
+type WaitStats struct {
+	Count int64
+	Total time.Duration
+}
+
+// Stats returns a snapshot of the Dialer's counters.
+func (d *Dialer) Stats() Stats {
+	s := &d.stats
+	return Stats{
+		Establishments: s.establishments.Load(),
+		OK:             s.ok.Load(),
+		Transient:      s.transient.Load(),
+		Permanent:      s.permanent.Load(),
+		Closed:         s.closedCount.Load(),
+		Shed:           s.shed.Load(),
+		Retries:        s.retries.Load(),
+		Dials:          s.dials.Load(),
+		CancelDials:    s.cancelDials.Load(),
+		JitterWait:     s.jitterWait.load(),
+		RateWait:       s.rateWait.load(),
+		SlotWait:       s.slotWait.load(),
+		BackoffWait:    s.backoffWait.load(),
+	}
+}
+
+type counters struct {
+	establishments, ok, transient, permanent, closedCount atomic.Int64
+	shed, retries, dials, cancelDials                     atomic.Int64
+
+	jitterWait, rateWait, slotWait, backoffWait waitCounter
+}
+
+type waitCounter struct{ count, total atomic.Int64 }
+
+func (w *waitCounter) add(d time.Duration) {
+	w.count.Add(1)
+	w.total.Add(int64(d))
+}
+
+func (w *waitCounter) load() WaitStats {
+	return WaitStats{Count: w.count.Load(), Total: time.Duration(w.total.Load())}
+}

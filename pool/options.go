@@ -1,0 +1,123 @@
+package pool
+
+import (
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"golang.org/x/time/rate"
+
+	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/jitter"
+)
+
+// DefaultLifetimeJitterFraction is the MaxConnLifetimeJitter a pool uses,
+// as a fraction of MaxConnLifetime, when the configuration sets none: with
+// pgxpool's default 1h lifetime, connections live between 1h and 1h6m.
+const DefaultLifetimeJitterFraction = 0.1
+
+// Option configures a [Pool].
+type Option interface {
+	apply(*config)
+}
+
+type optionFunc func(*config)
+
+func (f optionFunc) apply(c *config) { f(c) }
+
+type config struct {
+	dialer         []dialer.Option
+	lifetimeJitter time.Duration
+	lifetimeSet    bool
+	rand           jitter.Rand
+	errs           []error
+}
+
+func newConfig(opts ...Option) (*config, error) {
+	c := &config{rand: jitter.Float64}
+	for _, o := range opts {
+		if o != nil {
+			o.apply(c)
+		}
+	}
+	if len(c.errs) > 0 {
+		return nil, c.errs[0]
+	}
+	return c, nil
+}
+
+func gate(o dialer.Option) Option {
+	return optionFunc(func(c *config) { c.dialer = append(c.dialer, o) })
+}
+
+// WithStartupJitter delays the pool's first connection by a uniform random
+// delay in [0, window), at nanosecond resolution. A caller that acquires
+// during the delay waits with it, bounded by its own context; if its
+// deadline falls before the end of the delay it gets an error matching
+// [dialer.ErrShed] at once. Zero turns the delay off. Default 1s
+// ([dialer.DefaultStartupJitter]).
+func WithStartupJitter(window time.Duration) Option {
+	return gate(dialer.WithStartupJitter(window))
+}
+
+// WithConnectRate limits the pool to r new TCP connections per second with
+// bursts of burst, counting every connection the server forks a backend
+// for (multi-host fallbacks and sslmode=prefer's second dial included).
+// CancelRequest connections are counted but never wait. Default 20/s,
+// burst 4 ([dialer.DefaultConnectRate], [dialer.DefaultConnectBurst]).
+func WithConnectRate(r rate.Limit, burst int) Option {
+	return gate(dialer.WithConnectRate(r, burst))
+}
+
+// WithLimiter makes the pool take its tokens from l, shared with other pools
+// or dialers of the process. Default: a limiter of the pool's own.
+func WithLimiter(l *rate.Limiter) Option {
+	return gate(dialer.WithLimiter(l))
+}
+
+// WithMaxConnecting allows at most n connection establishments in flight in
+// the pool at once. Default 2 ([dialer.DefaultMaxConnecting]).
+func WithMaxConnecting(n int) Option {
+	return gate(dialer.WithMaxConnecting(n))
+}
+
+// WithBackOff sets the retry policy for transient connect failures;
+// newPolicy is called once per retry loop. Default [dialer.DefaultBackOff]:
+// exponential from 100ms doubling to 5s, giving up after 30s, full jitter.
+func WithBackOff(newPolicy func() backoff.BackOff) Option {
+	return gate(dialer.WithBackOff(newPolicy))
+}
+
+// WithFleet budgets a fleet of size processes starting together, each with
+// this pool, against a server that should absorb serverBudget new TCP
+// connections per second from all of them: the startup window becomes
+// size × warm × dials ÷ serverBudget and the rate serverBudget ÷ size, where
+// warm is max(MinConns, MinIdleConns, 1) and dials is 2 for sslmode=prefer,
+// else 1. See [dialer.WithFleet]. Default: no fleet.
+func WithFleet(size int, serverBudget float64) Option {
+	return gate(dialer.WithFleet(size, serverBudget))
+}
+
+// WithDialerOptions passes options to the pool's [dialer.Dialer] as they are.
+func WithDialerOptions(opts ...dialer.Option) Option {
+	return optionFunc(func(c *config) { c.dialer = append(c.dialer, opts...) })
+}
+
+// WithLifetimeJitter sets the MaxConnLifetimeJitter the pool honours, at
+// nanosecond resolution (pgxpool truncates it to whole seconds): each
+// connection is retired after MaxConnLifetime plus a uniform random part of
+// d. Zero turns it off. Default: the configuration's MaxConnLifetimeJitter,
+// or, when that is zero, MaxConnLifetime × [DefaultLifetimeJitterFraction].
+func WithLifetimeJitter(d time.Duration) Option {
+	return optionFunc(func(c *config) {
+		if d < 0 {
+			c.errs = append(c.errs, invalid("WithLifetimeJitter(%v): jitter must not be negative", d))
+			return
+		}
+		c.lifetimeJitter, c.lifetimeSet = d, true
+	})
+}
+
+// withRand sets the draw for lifetime jitter (tests).
+func withRand(r jitter.Rand) Option {
+	return optionFunc(func(c *config) { c.rand = r })
+}
