@@ -157,7 +157,7 @@ func TestRetryStopsAtOnceWhenBackoffCannotFitDeadline(t *testing.T) {
 func TestStartupJitterHoldsEveryCallerUntilRelease(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}
-		d, err := New(WithStartupJitter(time.Second), withRand(func() float64 { return 0.25 }),
+		d, err := New(WithStartupJitter(time.Second), WithRand(func() float64 { return 0.25 }),
 			WithConnectRate(rate.Inf, 1), WithMaxConnecting(10), WithBackOff(noRetry))
 		if err != nil {
 			t.Fatal(err)
@@ -192,7 +192,7 @@ func TestShedBeforeTouchingServer(t *testing.T) {
 		prep func(d *Dialer)
 		wait string
 	}{
-		{"startup jitter", []Option{WithStartupJitter(time.Second), withRand(func() float64 { return 0.5 })}, nil, "startup jitter"},
+		{"startup jitter", []Option{WithStartupJitter(time.Second), WithRand(func() float64 { return 0.5 })}, nil, "startup jitter"},
 		{"rate limit", []Option{WithStartupJitter(0), WithConnectRate(1, 1)},
 			func(d *Dialer) { d.limiter.Allow() }, "rate limit"},
 	}

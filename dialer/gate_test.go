@@ -113,7 +113,7 @@ func TestStartupJitterSpreadsFirstConnects(t *testing.T) {
 	results := make(chan result, len(draws))
 	var wg sync.WaitGroup
 	for _, r := range draws {
-		d, err := New(WithStartupJitter(window), withRand(func() float64 { return r }))
+		d, err := New(WithStartupJitter(window), WithRand(func() float64 { return r }))
 		if err != nil {
 			t.Fatal(err)
 		}

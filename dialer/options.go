@@ -192,9 +192,18 @@ func WithFleet(size int, serverBudget float64) Option {
 	})
 }
 
-// withRand sets the random draw for startup jitter (tests).
-func withRand(r jitter.Rand) Option {
-	return optionFunc(func(c *config) { c.rand = r })
+// WithRand sets the random draw behind the startup delay, for
+// reproducible delays (tests, simulations): the delay is r() × window. It
+// must return values in [0, 1) and be safe for concurrent use. Default
+// [jitter.Float64].
+func WithRand(r jitter.Rand) Option {
+	return optionFunc(func(c *config) {
+		if r == nil {
+			c.invalid("WithRand(nil): draw must not be nil")
+			return
+		}
+		c.rand = r
+	})
 }
 
 // minFleetRate is the floor of the per-process rate WithFleet derives: one

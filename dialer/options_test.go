@@ -25,6 +25,7 @@ func TestInvalidOptionsNameOptionAndValue(t *testing.T) {
 		{WithLimiter(rate.NewLimiter(5, 0)), []string{"WithLimiter", "burst 0"}},
 		{WithMaxConnecting(0), []string{"WithMaxConnecting", "0"}},
 		{WithBackOff(nil), []string{"WithBackOff", "nil"}},
+		{WithRand(nil), []string{"WithRand", "nil"}},
 		{WithFleet(0, 100), []string{"WithFleet", "size"}},
 		{WithFleet(10, 0), []string{"WithFleet", "serverBudget"}},
 		{WithFleet(10, math.Inf(1)), []string{"WithFleet", "+Inf"}},
