@@ -62,6 +62,10 @@ func NewWithConfig(ctx context.Context, cfg *pgxpool.Config, opts ...Option) (*P
 	if cfg.MinConns < 0 || cfg.MinIdleConns < 0 {
 		return nil, invalid("MinConns %d, MinIdleConns %d: must not be negative", cfg.MinConns, cfg.MinIdleConns)
 	}
+	if m := max(cfg.MinConns, cfg.MinIdleConns); m > cfg.MaxConns {
+		// pgxpool accepts this and never reaches it.
+		return nil, invalid("MinConns %d, MinIdleConns %d: must not exceed MaxConns %d", cfg.MinConns, cfg.MinIdleConns, cfg.MaxConns)
+	}
 	if cfg.MaxConnLifetimeJitter < 0 {
 		return nil, invalid("MaxConnLifetimeJitter %v: must not be negative", cfg.MaxConnLifetimeJitter)
 	}

@@ -1,0 +1,75 @@
+package pool_test
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"golang.org/x/time/rate"
+
+	"github.com/pgstagger/pgstagger/pool"
+)
+
+// The one-line migration from pgxpool.New: no option is needed to protect
+// the server, and New does no I/O.
+func ExampleNew() {
+	ctx := context.Background()
+	p, err := pool.New(ctx, "postgres://app@db.internal/app?sslmode=disable&pool_max_conns=10")
+	if err != nil {
+		panic(err)
+	}
+	defer p.Close()
+	plan := p.Dialer().Plan()
+	fmt.Println(plan.StartupWindow, plan.Rate, plan.Burst, plan.MaxConnecting)
+	// Output: 1s 20 4 2
+}
+
+// Budget a fleet: 300 workers start together, each keeping 2 connections
+// warm, and the server should take at most 150 new connections a second.
+func ExampleWithFleet() {
+	ctx := context.Background()
+	p, err := pool.New(ctx, "postgres://app@db.internal/app?sslmode=disable&pool_min_conns=2",
+		pool.WithFleet(300, 150))
+	if err != nil {
+		panic(err)
+	}
+	defer p.Close()
+	plan := p.Dialer().Plan()
+	fmt.Printf("window %v, %.1f connects/s per worker\n", plan.StartupWindow, float64(plan.Rate))
+	// Output: window 4s, 0.5 connects/s per worker
+}
+
+// Several pools of one process share a bucket.
+func ExampleWithLimiter() {
+	ctx := context.Background()
+	shared := rate.NewLimiter(50, 5)
+	orders, err := pool.New(ctx, "postgres://app@orders.internal/orders?sslmode=disable", pool.WithLimiter(shared))
+	if err != nil {
+		panic(err)
+	}
+	defer orders.Close()
+	users, err := pool.New(ctx, "postgres://app@users.internal/users?sslmode=disable", pool.WithLimiter(shared))
+	if err != nil {
+		panic(err)
+	}
+	defer users.Close()
+	fmt.Println(orders.Dialer().Plan().Rate, users.Dialer().Plan().Rate)
+	// Output: 50 50
+}
+
+// An existing pgxpool configuration, hooks included, keeps working.
+func ExampleNewWithConfig() {
+	cfg, err := pgxpool.ParseConfig("postgres://app@db.internal/app?sslmode=disable")
+	if err != nil {
+		panic(err)
+	}
+	cfg.MaxConnLifetime = 30 * time.Minute
+	p, err := pool.NewWithConfig(context.Background(), cfg, pool.WithLifetimeJitter(90*time.Second))
+	if err != nil {
+		panic(err)
+	}
+	defer p.Close()
+	fmt.Println(p.Config().MaxConnLifetime) // the configuration as given
+	// Output: 30m0s
+}

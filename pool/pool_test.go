@@ -1,0 +1,560 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"net"
+	"reflect"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
+	"golang.org/x/time/rate"
+
+	"github.com/pgstagger/pgstagger/dialer"
+)
+
+// fast turns off the waits that are not under test.
+var fast = []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1)}
+
+func newPool(t *testing.T, connString string, opts ...Option) *Pool {
+	t.Helper()
+	p, err := New(context.Background(), connString, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+func TestHasEveryPgxpoolMethod(t *testing.T) {
+	want := reflect.TypeOf(&pgxpool.Pool{})
+	got := reflect.TypeOf(&Pool{})
+	for i := range want.NumMethod() {
+		m := want.Method(i)
+		g, ok := got.MethodByName(m.Name)
+		if !ok {
+			t.Errorf("Pool lacks %s", m.Name)
+			continue
+		}
+		// Compare signatures without the receiver.
+		if !sameSignature(m.Type, g.Type) {
+			t.Errorf("Pool.%s is %v, pgxpool's is %v", m.Name, g.Type, m.Type)
+		}
+	}
+	if _, ok := got.MethodByName("Unwrap"); !ok {
+		t.Errorf("Pool lacks Unwrap")
+	}
+}
+
+func sameSignature(a, b reflect.Type) bool {
+	if a.NumIn() != b.NumIn() || a.NumOut() != b.NumOut() || a.IsVariadic() != b.IsVariadic() {
+		return false
+	}
+	for i := 1; i < a.NumIn(); i++ {
+		if a.In(i) != b.In(i) {
+			return false
+		}
+	}
+	for i := range a.NumOut() {
+		if a.Out(i) != b.Out(i) {
+			return false
+		}
+	}
+	return true
+}
+
+func TestNewDoesNotBlockOrConnect(t *testing.T) {
+	before := db.ConnectionsReceived()
+	p, err := New(context.Background(), db.ConnString("", "pool_min_conns=4"), WithStartupJitter(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if got := db.ConnectionsReceived() - before; got != 0 {
+		t.Errorf("New made %d connections; warm-up must wait for the startup delay", got)
+	}
+	if s := p.Stats(); s.Dials != 0 {
+		t.Errorf("dials = %d right after New", s.Dials)
+	}
+}
+
+func TestInvalidInputFailsInNew(t *testing.T) {
+	cases := []struct {
+		name string
+		conn string
+		opts []Option
+		want []string
+	}{
+		{"bad rate", db.ConnString(""), []Option{WithConnectRate(0, 1)}, []string{"WithConnectRate", "0"}},
+		{"bad fleet", db.ConnString(""), []Option{WithFleet(-1, 10)}, []string{"WithFleet", "-1"}},
+		{"bad lifetime jitter", db.ConnString(""), []Option{WithLifetimeJitter(-time.Second)}, []string{"WithLifetimeJitter", "-1s"}},
+		{"bad max connecting", db.ConnString(""), []Option{WithMaxConnecting(-2)}, []string{"WithMaxConnecting", "-2"}},
+		{"bad pool setting", "postgres://u:hunter2pw@127.0.0.1/x?pool_max_conns=zero", nil, []string{"pool_max_conns"}},
+		{"bad port", "postgres://u:hunter2pw@127.0.0.1:notaport/x", nil, []string{"connection string"}},
+		{"min above max", db.ConnString("", "pool_min_conns=9", "pool_max_conns=4"), nil, []string{"MinConns 9", "MaxConns 4"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p, err := New(context.Background(), c.conn, c.opts...)
+			if err == nil {
+				p.Close()
+				t.Fatal("New succeeded")
+			}
+			if !errors.Is(err, dialer.ErrInvalidOption) {
+				t.Errorf("err = %v, want ErrInvalidOption", err)
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not name %q", err, w)
+				}
+			}
+			if strings.Contains(err.Error(), "hunter2pw") || strings.Contains(err.Error(), db.Password()) {
+				t.Errorf("error leaks the password: %v", err)
+			}
+		})
+	}
+	cfg, err := pgxpool.ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = 0
+	if _, err := NewWithConfig(context.Background(), cfg); !errors.Is(err, dialer.ErrInvalidOption) || !strings.Contains(err.Error(), "MaxConns 0") {
+		t.Errorf("MaxConns 0: err = %v", err)
+	}
+}
+
+func TestDropInMethods(t *testing.T) {
+	ctx := context.Background()
+	p := newPool(t, db.ConnString("", "pool_max_conns=4"), fast...)
+	if _, err := p.Exec(ctx, "create table if not exists items(id int primary key, name text)"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _, _ = p.Exec(ctx, "drop table items") })
+	n, err := p.CopyFrom(ctx, pgx.Identifier{"items"}, []string{"id", "name"},
+		pgx.CopyFromRows([][]any{{1, "a"}, {2, "b"}, {3, "c"}}))
+	if err != nil || n != 3 {
+		t.Fatalf("CopyFrom = %d, %v", n, err)
+	}
+	var name string
+	if err := p.QueryRow(ctx, "select name from items where id = $1", 2).Scan(&name); err != nil || name != "b" {
+		t.Fatalf("QueryRow = %q, %v", name, err)
+	}
+	if err := p.QueryRow(ctx, "select name from items where id = 99").Scan(&name); !errors.Is(err, pgx.ErrNoRows) {
+		t.Fatalf("QueryRow no rows: %v", err)
+	}
+	rows, err := p.Query(ctx, "select id from items order by id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int])
+	if err != nil || len(ids) != 3 {
+		t.Fatalf("Query = %v, %v", ids, err)
+	}
+	tx, err := p.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "insert into items values (4, 'd')"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b := &pgx.Batch{}
+	b.Queue("select count(*) from items")
+	b.Queue("select 42")
+	br := p.SendBatch(ctx, b)
+	var count, answer int
+	if err := br.QueryRow().Scan(&count); err != nil || count != 4 {
+		t.Fatalf("batch count = %d, %v", count, err)
+	}
+	if err := br.QueryRow().Scan(&answer); err != nil || answer != 42 {
+		t.Fatalf("batch answer = %d, %v", answer, err)
+	}
+	if err := br.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.AcquireFunc(ctx, func(c *pgxpool.Conn) error { return c.Ping(ctx) }); err != nil {
+		t.Fatal(err)
+	}
+	// Everything above released its connection.
+	if s := p.Stat(); s.AcquiredConns() != 0 {
+		t.Errorf("%d connections still acquired", s.AcquiredConns())
+	}
+	idle := p.AcquireAllIdle(ctx)
+	if len(idle) == 0 {
+		t.Errorf("AcquireAllIdle returned nothing")
+	}
+	for _, c := range idle {
+		c.Release()
+	}
+	p.Reset()
+	if s := p.Stat(); s.TotalConns() != 0 {
+		t.Errorf("after Reset: %d connections", s.TotalConns())
+	}
+	if got := p.Config().ConnString(); got != db.ConnString("", "pool_max_conns=4") {
+		t.Errorf("Config().ConnString() = %q", got)
+	}
+	if tr := p.Config().ConnConfig.Tracer; tr != nil {
+		t.Errorf("Config() shows tracer %T; it must be the caller's configuration, without the gate", tr)
+	}
+}
+
+func TestBatchTransactionReleasesOnCommit(t *testing.T) {
+	ctx := context.Background()
+	p := newPool(t, db.ConnString(""), fast...)
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	b.Queue("select 1")
+	br := p.SendBatch(ctx, b)
+	tx := br.Tx()
+	if tx == nil {
+		t.Fatal("batch began no transaction")
+	}
+	if err := br.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.Stat(); s.AcquiredConns() != 1 {
+		t.Errorf("after Close, before Commit: %d acquired, want the transaction's 1", s.AcquiredConns())
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.Stat(); s.AcquiredConns() != 0 {
+		t.Errorf("after Commit: %d acquired, want 0", s.AcquiredConns())
+	}
+}
+
+func TestUnwrapIsGatedToo(t *testing.T) {
+	p := newPool(t, db.ConnString(""), fast...)
+	sqlDB := stdlib.OpenDBFromPool(p.Unwrap())
+	defer sqlDB.Close()
+	if err := sqlDB.Ping(); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.Stats(); s.Dials != 1 || s.OK != 1 {
+		t.Errorf("gate stats = %+v, want the database/sql connection to pass the gate", s)
+	}
+}
+
+func TestStartupJitterBoundsAcquireByItsDeadline(t *testing.T) {
+	const window = 2 * time.Second
+	before := db.ConnectionsReceived()
+	start := time.Now()
+	p := newPool(t, db.ConnString(""), WithStartupJitter(window),
+		WithDialerOptions(dialer.WithRand(func() float64 { return 0.5 })))
+	release := start.Add(window / 2)
+
+	// A caller whose deadline comes before the release is answered at once.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := p.Acquire(ctx)
+	if !errors.Is(err, dialer.ErrShed) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("acquire with a short deadline: %v, want shed", err)
+	}
+	if got := db.ConnectionsReceived() - before; got != 0 {
+		t.Errorf("a shed acquire made %d server connections", got)
+	}
+	// One without a deadline waits for the release and gets a connection.
+	c, err := p.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Release()
+	if at := time.Now(); at.Before(release) {
+		t.Errorf("acquired at +%v, before the release at +%v", at.Sub(start), window/2)
+	}
+	if s := p.Stats(); s.Shed != 1 || s.JitterWait.Count != 1 {
+		t.Errorf("stats = %+v, want one shed and one jitter wait", s)
+	}
+}
+
+func TestWarmUpIsPacedThroughTheGate(t *testing.T) {
+	const minConns, r = 6, 25.0
+	cfg, err := pgxpool.ParseConfig(db.ConnString("", "pool_max_conns=8"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MinConns = minConns
+	var mu sync.Mutex
+	var dials []time.Time
+	done := make(chan struct{})
+	var nd net.Dialer
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dials = append(dials, time.Now())
+		if len(dials) == minConns {
+			close(done)
+		}
+		mu.Unlock()
+		return nd.DialContext(ctx, network, addr)
+	}
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0), WithConnectRate(r, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("warm-up made %d of %d connections", len(dials), minConns)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for k := 1; k < len(dials); k++ {
+		if gap := dials[k].Sub(dials[0]); gap < time.Duration(float64(k)/r*float64(time.Second))-2*time.Millisecond {
+			t.Errorf("warm-up dial %d at +%v: faster than %v/s", k, gap, r)
+		}
+	}
+	if p.Dialer().Plan().Warm != minConns {
+		t.Errorf("plan warm = %d, want MinConns %d", p.Dialer().Plan().Warm, minConns)
+	}
+}
+
+func TestConnectFailuresAreRetriedQueryErrorsAreNot(t *testing.T) {
+	ctx := context.Background()
+	cfg, err := pgxpool.ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := make(chan struct{})
+	var once sync.Once
+	var nd net.Dialer
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := nd.DialContext(ctx, network, addr)
+		if err != nil {
+			once.Do(func() { close(refused) })
+		}
+		return c, err
+	}
+	p, err := NewWithConfig(ctx, cfg, append(fast,
+		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(30 * time.Millisecond) }))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+
+	// A query error is returned as it is.
+	_, err = p.Exec(ctx, "select 1/0")
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "22012" {
+		t.Fatalf("err = %v, want division by zero", err)
+	}
+	// So is a connection lost during a query, though 57P01 is transient
+	// when it comes while connecting.
+	before := p.Stats()
+	_, err = p.Exec(ctx, "select pg_terminate_backend(pg_backend_pid())")
+	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" {
+		t.Fatalf("err = %v, want 57P01 from the terminated session", err)
+	}
+	if s := p.Stats(); s.Retries != before.Retries || s.Establishments != before.Establishments {
+		t.Errorf("a query error was retried: before %+v, after %+v", before, s)
+	}
+
+	// Connect failures while the server is down are retried until it is back.
+	p.Reset()
+	if err := db.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	restarted := make(chan error, 1)
+	go func() {
+		<-refused // the pool has failed to connect at least once
+		restarted <- db.Start()
+	}()
+	var one int
+	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err = p.QueryRow(qctx, "select 1").Scan(&one)
+	if serr := <-restarted; serr != nil {
+		t.Fatal(serr)
+	}
+	if err != nil || one != 1 {
+		t.Fatalf("QueryRow across a restart: %d, %v", one, err)
+	}
+	if s := p.Stats(); s.Retries == before.Retries || s.Transient == before.Transient {
+		t.Errorf("no retry recorded across the restart: %+v", s)
+	}
+}
+
+func TestAuthenticationFailureIsOneAttempt(t *testing.T) {
+	p := newPool(t, db.ConnStringAs(db.User(), "not-the-password-0x", ""), fast...)
+	before := db.ConnectionsReceived()
+	err := p.Ping(context.Background())
+	if dialer.Classify(err) != dialer.Permanent {
+		t.Fatalf("err = %v (%v), want a permanent failure", err, dialer.Classify(err))
+	}
+	if s := p.Stats(); s.Establishments != 1 || s.Retries != 0 {
+		t.Errorf("stats = %+v, want exactly one attempt", s)
+	}
+	if got := db.WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
+		t.Errorf("server saw %d connections, want 1", got)
+	}
+	if strings.Contains(err.Error(), "not-the-password-0x") {
+		t.Errorf("error leaks the password: %v", err)
+	}
+}
+
+func TestCloseUnblocksEveryWaiter(t *testing.T) {
+	kinds := map[string][]Option{
+		"startup jitter": {WithStartupJitter(time.Hour)},
+		"backoff":        {WithStartupJitter(0), WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) })},
+	}
+	for name, opts := range kinds {
+		t.Run(name, func(t *testing.T) {
+			url := db.ConnString("", "pool_max_conns=8")
+			if name == "backoff" {
+				// A port with no server: every connect is refused.
+				l, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				url = strings.Replace(url, db.Addr(), l.Addr().String(), 1)
+				l.Close()
+			}
+			cfg, err := pgxpool.ParseConfig(url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const n = 5
+			entered := make(chan struct{}, n)
+			cfg.BeforeConnect = func(context.Context, *pgx.ConnConfig) error {
+				entered <- struct{}{}
+				return nil
+			}
+			p, err := NewWithConfig(context.Background(), cfg, opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			errs := make(chan error, n)
+			for range n {
+				go func() {
+					_, err := p.Exec(context.Background(), "select 1")
+					errs <- err
+				}()
+			}
+			for range n {
+				<-entered // each caller has begun connecting
+			}
+			p.Close()
+			for range n {
+				select {
+				case err := <-errs:
+					if !errors.Is(err, ErrClosed) {
+						t.Errorf("err = %v, want ErrClosed", err)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("a caller is still waiting after Close")
+				}
+			}
+		})
+	}
+}
+
+type hookTracer struct {
+	connects, queries, acquires atomic.Int32
+}
+
+func (h *hookTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	h.queries.Add(1)
+	return ctx
+}
+func (h *hookTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (h *hookTracer) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {
+	h.connects.Add(1)
+	return ctx
+}
+func (h *hookTracer) TraceConnectEnd(context.Context, pgx.TraceConnectEndData) {}
+func (h *hookTracer) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, _ pgxpool.TraceAcquireStartData) context.Context {
+	h.acquires.Add(1)
+	return ctx
+}
+func (h *hookTracer) TraceAcquireEnd(context.Context, *pgxpool.Pool, pgxpool.TraceAcquireEndData) {}
+
+func TestUserHooksAndTracerKeepWorking(t *testing.T) {
+	cfg, err := pgxpool.ParseConfig(db.ConnString("", "pool_max_conns=1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var calls sync.Map
+	count := func(name string) {
+		n, _ := calls.LoadOrStore(name, new(atomic.Int32))
+		n.(*atomic.Int32).Add(1)
+	}
+	got := func(name string) int32 {
+		n, ok := calls.Load(name)
+		if !ok {
+			return 0
+		}
+		return n.(*atomic.Int32).Load()
+	}
+	var nd net.Dialer
+	ht := &hookTracer{}
+	cfg.ConnConfig.Tracer = ht
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		count("DialFunc")
+		return nd.DialContext(ctx, network, addr)
+	}
+	cfg.ConnConfig.LookupFunc = func(ctx context.Context, host string) ([]string, error) {
+		count("LookupFunc")
+		return []string{host}, nil
+	}
+	cfg.BeforeConnect = func(context.Context, *pgx.ConnConfig) error { count("BeforeConnect"); return nil }
+	cfg.AfterConnect = func(context.Context, *pgx.Conn) error { count("AfterConnect"); return nil }
+	cfg.PrepareConn = func(context.Context, *pgx.Conn) (bool, error) { count("PrepareConn"); return true, nil }
+	released := make(chan struct{}, 1)
+	cfg.AfterRelease = func(*pgx.Conn) bool { count("AfterRelease"); released <- struct{}{}; return true }
+	cfg.BeforeClose = func(*pgx.Conn) { count("BeforeClose") }
+
+	p, err := NewWithConfig(context.Background(), cfg, fast...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Exec(context.Background(), "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	<-released // pgxpool calls AfterRelease in a goroutine
+	p.Close()
+	for _, h := range []string{"DialFunc", "LookupFunc", "BeforeConnect", "AfterConnect", "PrepareConn", "AfterRelease", "BeforeClose"} {
+		if n := got(h); n != 1 {
+			t.Errorf("%s called %d times, want 1", h, n)
+		}
+	}
+	if ht.connects.Load() != 1 || ht.queries.Load() != 1 || ht.acquires.Load() != 1 {
+		t.Errorf("user tracer: %d connects, %d queries, %d acquires; want 1 each",
+			ht.connects.Load(), ht.queries.Load(), ht.acquires.Load())
+	}
+	if s := p.Stats(); s.Dials != 1 {
+		t.Errorf("gate dials = %d, want 1", s.Dials)
+	}
+}
+
+func TestDeprecatedBeforeAcquireStillWorks(t *testing.T) {
+	cfg, err := pgxpool.ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var called atomic.Int32
+	cfg.BeforeAcquire = func(context.Context, *pgx.Conn) bool { called.Add(1); return true }
+	p, err := NewWithConfig(context.Background(), cfg, fast...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := p.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if called.Load() != 1 {
+		t.Errorf("BeforeAcquire called %d times, want 1", called.Load())
+	}
+}
