@@ -43,6 +43,8 @@ type Dialer struct {
 	closeCtx context.Context // done once Close is called, with cause ErrClosed
 	closeFn  context.CancelCauseFunc
 
+	failing atomic.Bool // until is set: read on the hot path without mu
+
 	mu       sync.Mutex      // guards the recovery state below
 	recovery backoff.BackOff // shared policy for establishments outside retry loops
 	until    time.Time       // no new establishment touches the server before this
@@ -314,10 +316,7 @@ func (d *Dialer) congested() bool {
 		}
 		d.released.Store(true)
 	}
-	d.mu.Lock()
-	failing := !d.until.IsZero()
-	d.mu.Unlock()
-	return failing
+	return d.failing.Load()
 }
 
 // Close ends every wait of the Dialer's establishments and retry loops with

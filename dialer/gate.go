@@ -177,6 +177,7 @@ func (d *Dialer) end(e *establishment, err error) {
 		if !d.until.IsZero() {
 			d.recovery.Reset()
 			d.until, d.failedAt = time.Time{}, time.Time{}
+			d.failing.Store(false)
 		}
 		d.mu.Unlock()
 	case Transient:
@@ -192,6 +193,7 @@ func (d *Dialer) end(e *establishment, err error) {
 				wait = max(d.recovery.NextBackOff(), 0)
 			}
 			d.until, d.failedAt = now.Add(wait), now
+			d.failing.Store(true)
 		}
 		d.mu.Unlock()
 	case Permanent:
