@@ -10,7 +10,6 @@ import (
 // Each benchmark runs pgstagger's Pool and plain pgxpool side by side in the
 // same run, against the same server, so their ratio is what matters.
 
-
 func benchPools(b *testing.B) (*Pool, *pgxpool.Pool) {
 	b.Helper()
 	ctx := context.Background()
