@@ -35,10 +35,9 @@ var (
 // shedError is returned for a shed connect: it matches ErrShed and
 // context.DeadlineExceeded and says which wait did not fit.
 type shedError struct {
-	wait    string        // "startup jitter", "rate limit", ...
-	need    time.Duration // how long the wait would have been (0 if unknown)
-	left    time.Duration // time left before the caller's deadline
-	attempt int
+	wait string        // "startup jitter", "rate limit", ...
+	need time.Duration // how long the wait would have been (0 if unknown)
+	left time.Duration // time left before the caller's deadline
 }
 
 func (e *shedError) Error() string {

@@ -65,9 +65,11 @@ func newLifetimes(inner *pgxpool.Config, pc *config) *lifetimes {
 		return nil
 	}
 
+	// Setting PrepareConn makes pgxpool ignore the deprecated
+	// BeforeAcquire, so honour a caller's BeforeAcquire here.
 	prepare := inner.PrepareConn
-	if prepare == nil && inner.BeforeAcquire != nil {
-		beforeAcquire := inner.BeforeAcquire
+	//lint:ignore SA1019 keeping the caller's deprecated hook working
+	if beforeAcquire := inner.BeforeAcquire; prepare == nil && beforeAcquire != nil {
 		prepare = func(ctx context.Context, c *pgx.Conn) (bool, error) { return beforeAcquire(ctx, c), nil }
 	}
 	inner.PrepareConn = func(ctx context.Context, c *pgx.Conn) (bool, error) {

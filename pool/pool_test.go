@@ -545,6 +545,7 @@ func TestDeprecatedBeforeAcquireStillWorks(t *testing.T) {
 		t.Fatal(err)
 	}
 	var called atomic.Int32
+	//lint:ignore SA1019 testing that the deprecated hook keeps working
 	cfg.BeforeAcquire = func(context.Context, *pgx.Conn) bool { called.Add(1); return true }
 	p, err := NewWithConfig(context.Background(), cfg, fast...)
 	if err != nil {
