@@ -105,7 +105,8 @@ func Start(opts Options) (c *Cluster, err error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp("", "pgstagger-testdb-")
+	sweepStale()
+	dir, err := os.MkdirTemp("", dirPrefix)
 	if err != nil {
 		return nil, fmt.Errorf("testdb: %w", err)
 	}
@@ -115,6 +116,9 @@ func Start(opts Options) (c *Cluster, err error) {
 		}
 	}()
 	if err := os.Chmod(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("testdb: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		return nil, fmt.Errorf("testdb: %w", err)
 	}
 	c = &Cluster{
@@ -198,6 +202,51 @@ func Start(opts Options) (c *Cluster, err error) {
 			return nil, err
 		}
 	}
+}
+
+const (
+	dirPrefix = "pgstagger-testdb-"
+	ownerFile = "owner.pid" // pid of the process that created the cluster
+)
+
+// sweepStale removes the directories of clusters whose creating process and
+// postmaster are both gone: what a test binary that panicked or was killed
+// leaves behind (its postmaster died with it).
+func sweepStale() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), dirPrefix+"*"))
+	for _, d := range dirs {
+		owner, err := readPid(filepath.Join(d, ownerFile))
+		if err != nil || processAlive(owner) {
+			continue
+		}
+		if pm, err := readPid(filepath.Join(d, "data", "postmaster.pid")); err == nil && processAlive(pm) {
+			continue
+		}
+		_ = os.RemoveAll(d)
+	}
+}
+
+func readPid(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	first, _, _ := strings.Cut(string(b), "\n")
+	return strconv.Atoi(strings.TrimSpace(first))
+}
+
+// processAlive reports whether pid names a live, non-zombie process.
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
 
 // versionedBinGlob is where Debian installs each major version's binaries.

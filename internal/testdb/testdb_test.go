@@ -201,7 +201,7 @@ func TestServerDiesWithPanickingTests(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(os.Getenv("TESTDB_PANIC_CHILD"), []byte(strconv.Itoa(c.PID())), 0o644); err != nil {
+		if err := os.WriteFile(os.Getenv("TESTDB_PANIC_CHILD"), []byte(strconv.Itoa(c.PID())+"\n"+c.dir), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		panic("test panics with a running cluster")
@@ -217,25 +217,29 @@ func TestServerDiesWithPanickingTests(t *testing.T) {
 	if err != nil {
 		t.Fatalf("child wrote no pid: %v\n%s", err, out)
 	}
-	pid, _ := strconv.Atoi(string(b))
+	pidText, dir, _ := strings.Cut(string(b), "\n")
+	pid, _ := strconv.Atoi(pidText)
 	deadline := time.Now().Add(30 * time.Second)
 	for alive(pid) {
 		if time.Now().After(deadline) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 			t.Fatalf("postmaster %d outlived the panicking test binary", pid)
 		}
+		// Polling /proc: a process we did not start offers nothing to wait on.
 		time.Sleep(20 * time.Millisecond)
+	}
+	// The dead cluster's files are swept by the next Start.
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("child cluster dir %s: %v", dir, err)
+	}
+	c, err := Start(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("stale cluster dir %s not swept (%v)", dir, err)
 	}
 }
 
-// alive reports whether pid is a live (not zombie) process.
-func alive(pid int) bool {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return false
-	}
-	// The state follows the parenthesised command name.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
-}
+func alive(pid int) bool { return processAlive(pid) }
