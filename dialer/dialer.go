@@ -278,18 +278,12 @@ func (d *Dialer) sleep(ctx context.Context, wait time.Duration, w *waitCounter) 
 	if wait <= 0 {
 		return nil
 	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	defer context.AfterFunc(d.closeCtx, func() { cancel(ErrClosed) })()
 	start := time.Now()
 	defer func() { w.add(time.Since(start)) }()
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return context.Cause(ctx)
-	case <-d.closeCtx.Done():
-		return ErrClosed
-	}
+	return jitter.Sleep(ctx, wait)
 }
 
 // CallerContext returns ctx marked so that, when a pool establishes a
