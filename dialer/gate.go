@@ -51,9 +51,10 @@ type establishment struct {
 	// wait bounds the gate's own waits: ctx plus the caller's deadline
 	// and cancellation when known.
 	wait     context.Context
-	waitStop func() // releases wait's resources
-	refused  error  // set when the gate refused before touching the server
-	slot     bool   // holds a connecting slot
+	waitStop func()      // releases wait's resources
+	refused  error       // set when the gate refused before touching the server
+	slot     bool        // holds a connecting slot
+	prepaid  atomic.Bool // admit took the token for the first dial
 	ended    atomic.Bool
 }
 
@@ -83,8 +84,10 @@ func (d *Dialer) begin(ctx context.Context) *establishment {
 	return e
 }
 
-// admit waits for the startup delay, the recovery backoff and a connecting
-// slot, in that order.
+// admit waits for the startup delay, the recovery backoff, a connecting
+// slot and the first dial's token, in that order, all before pgconn starts
+// its connect_timeout clock. The token comes last so that a token is never
+// spent long before its dial: the server sees dials at the bucket's pace.
 func (d *Dialer) admit(e *establishment, c *caller) error {
 	if d.closeCtx.Err() != nil {
 		return ErrClosed
@@ -103,6 +106,18 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 			return err
 		}
 	}
+	if err := d.takeSlot(e); err != nil {
+		return err
+	}
+	if err := d.takeToken(e); err != nil {
+		return err
+	}
+	e.prepaid.Store(true)
+	return nil
+}
+
+// takeSlot waits for a connecting slot.
+func (d *Dialer) takeSlot(e *establishment) error {
 	select {
 	case d.slots <- struct{}{}:
 		e.slot = true
@@ -204,8 +219,10 @@ func (d *Dialer) end(e *establishment, err error) {
 }
 
 // dialFunc wraps next so that every TCP connection of an establishment takes
-// a token. Dials outside an establishment are CancelRequests: they are
-// charged to the bucket but never wait for it, so a cancel is never starved.
+// a token: the first was taken by admit, further ones (sslmode=prefer's
+// plain-text redial, multi-host fallbacks) are taken here. Dials outside an
+// establishment are CancelRequests: they are charged to the bucket but never
+// wait for it, so a cancel is never starved.
 func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		e, _ := ctx.Value(establishmentKey{}).(*establishment)
@@ -220,8 +237,10 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 		if context.Cause(e.ctx) == ErrClosed {
 			return nil, ErrClosed
 		}
-		if err := d.takeToken(e); err != nil {
-			return nil, err
+		if !e.prepaid.CompareAndSwap(true, false) {
+			if err := d.takeToken(e); err != nil {
+				return nil, err
+			}
 		}
 		d.stats.dials.Add(1)
 		return next(ctx, network, addr)

@@ -378,3 +378,30 @@ func ExampleClassify() {
 	// closed
 	// permanent
 }
+
+func TestBucketWaitDoesNotEatTheConnectTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var dialErr error
+		var dialedAt time.Time
+		cfg := fakeConfig(t, &fakeDials{})
+		cfg.ConnectTimeout = 200 * time.Millisecond
+		cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dialedAt, dialErr = time.Now(), ctx.Err()
+			return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+		}
+		lim := rate.NewLimiter(rate.Every(600*time.Millisecond), 1)
+		lim.Allow()
+		d, err := New(WithStartupJitter(0), WithLimiter(lim), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_, _ = d.Connect(context.Background(), cfg)
+		if got := dialedAt.Sub(start); got != 600*time.Millisecond {
+			t.Errorf("dialled at +%v, want +600ms when the token arrives", got)
+		}
+		if dialErr != nil {
+			t.Errorf("the dial's context had already ended (%v): the bucket wait used up connect_timeout", dialErr)
+		}
+	})
+}
