@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -50,6 +51,9 @@ type Dialer struct {
 	until    time.Time       // no new establishment touches the server before this
 	failedAt time.Time       // when the failure that set until was recorded
 
+	tel     *telemetry
+	forPool bool // set once by bind: installed on a pool's configuration
+
 	stats counters
 }
 
@@ -61,8 +65,13 @@ func New(opts ...Option) (*Dialer, error) {
 	if err != nil {
 		return nil, err
 	}
+	tel, err := newTelemetry(cfg)
+	if err != nil {
+		return nil, err
+	}
 	d := &Dialer{
 		cfg:      cfg,
+		tel:      tel,
 		slots:    make(chan struct{}, cfg.maxConnecting),
 		recovery: cfg.newBackOff(),
 	}
@@ -72,9 +81,11 @@ func New(opts ...Option) (*Dialer, error) {
 
 // bind resolves the options for the first configuration the Dialer is
 // installed on and starts the startup delay.
-func (d *Dialer) bind(warm, dials int) {
+func (d *Dialer) bind(cfg *pgconn.Config, warm int, forPool bool) {
 	d.bindOnce.Do(func() {
-		d.plan = d.cfg.plan(warm, dials)
+		d.forPool = forPool
+		d.tel.bind(d.cfg.poolName, cfg)
+		d.plan = d.cfg.plan(warm, dialsPerConnect(cfg))
 		d.limiter = d.cfg.limiter
 		if d.limiter == nil {
 			d.limiter = rate.NewLimiter(d.plan.Rate, d.plan.Burst)
@@ -85,6 +96,15 @@ func (d *Dialer) bind(warm, dials int) {
 		}
 		d.isBound.Store(true)
 	})
+}
+
+// PoolName is the db.client.connection.pool.name the Dialer reports ("" before
+// it is installed).
+func (d *Dialer) PoolName() string {
+	if !d.isBound.Load() {
+		return ""
+	}
+	return d.tel.poolName
 }
 
 // Plan returns what the Dialer resolved from its options once installed
@@ -101,7 +121,7 @@ func (d *Dialer) Plan() Plan {
 // cfg.Tracer through pgx's multitracer. It fails if cfg is nil or already
 // has a Dialer installed.
 func (d *Dialer) Install(cfg *pgx.ConnConfig) error {
-	return d.install(cfg, 1)
+	return d.install(cfg, 1, false)
 }
 
 // InstallPool is [Dialer.Install] for a pool's configuration: connections
@@ -112,23 +132,29 @@ func (d *Dialer) InstallPool(cfg *pgxpool.Config) error {
 	if cfg == nil {
 		return fmt.Errorf("%w: InstallPool(nil)", ErrInvalidOption)
 	}
-	return d.install(cfg.ConnConfig, max(int(cfg.MinConns), int(cfg.MinIdleConns), 1))
+	return d.install(cfg.ConnConfig, max(int(cfg.MinConns), int(cfg.MinIdleConns), 1), true)
 }
 
-func (d *Dialer) install(cfg *pgx.ConnConfig, warm int) error {
+func (d *Dialer) install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
 	if cfg == nil {
 		return fmt.Errorf("%w: Install(nil)", ErrInvalidOption)
 	}
 	if installed(cfg.Tracer) {
 		return fmt.Errorf("%w: a pgstagger Dialer is already installed on this configuration", ErrInvalidOption)
 	}
-	d.bind(warm, dialsPerConnect(&cfg.Config))
+	d.bind(&cfg.Config, warm, forPool)
 	next := cfg.DialFunc
 	if next == nil {
 		var nd net.Dialer
 		next = nd.DialContext
 	}
 	cfg.DialFunc = d.dialFunc(next)
+	lookup := cfg.LookupFunc
+	if lookup == nil {
+		lookup = net.DefaultResolver.LookupHost
+	}
+	cfg.LookupFunc = d.lookupFunc(lookup)
+	cfg.AfterNetConnect = afterNetConnect(cfg.AfterNetConnect)
 	t := &tracer{d: d}
 	if cfg.Tracer == nil {
 		cfg.Tracer = t
@@ -261,7 +287,17 @@ func (d *Dialer) retry(ctx context.Context, attempt int, err error, op func(ctx 
 			return &GaveUpError{Attempts: attempt, Err: err, ctxErr: context.DeadlineExceeded}
 		}
 		d.stats.retries.Add(1)
-		if werr := d.sleep(ctx, wait, &d.stats.backoffWait); werr != nil {
+		if d.tel.log != nil {
+			d.tel.log.LogAttrs(ctx, slog.LevelInfo, "pgstagger: retrying connect",
+				slog.String(string(d.tel.poolAttr.Key), d.tel.poolName),
+				slog.Int(string(AttrAttempt), attempt+1),
+				slog.Duration("wait", wait),
+				slog.Any("error", err))
+		}
+		start := time.Now()
+		werr := d.sleep(ctx, wait)
+		d.emitWait(ctx, waitBackoff, start, time.Now())
+		if werr != nil {
 			if errors.Is(werr, ErrClosed) {
 				return fmt.Errorf("%w (last attempt: %w)", werr, err)
 			}
@@ -272,17 +308,14 @@ func (d *Dialer) retry(ctx context.Context, attempt int, err error, op func(ctx 
 	return nil
 }
 
-// sleep waits for d, until ctx ends or until the Dialer is closed, and adds
-// the time waited to w.
-func (d *Dialer) sleep(ctx context.Context, wait time.Duration, w *waitCounter) error {
+// sleep waits for d, until ctx ends or until the Dialer is closed.
+func (d *Dialer) sleep(ctx context.Context, wait time.Duration) error {
 	if wait <= 0 {
 		return nil
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	defer context.AfterFunc(d.closeCtx, func() { cancel(ErrClosed) })()
-	start := time.Now()
-	defer func() { w.add(time.Since(start)) }()
 	return jitter.Sleep(ctx, wait)
 }
 

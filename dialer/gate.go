@@ -3,13 +3,19 @@ package dialer
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // tracer is the Dialer's pgx.ConnectTracer: pgx calls TraceConnectStart
@@ -42,31 +48,77 @@ type establishmentKey struct{}
 type establishment struct {
 	start    time.Time // begin
 	admitted time.Time // end of the gate's waits: the server is touched after this
-	// ctx is handed to pgconn: it ends when the Dialer closes or the
-	// connect's own context ends, not when the caller leaves (the
-	// connection then goes to the pool, as in pgxpool).
+	reason   string
+	attempt  int
+	// span is the connect span; traced tells whether its dials are
+	// wrapped to time their phases (tracing or the response-time metric
+	// is on).
+	span   trace.Span
+	traced bool
+	// ctx is handed to pgconn: it carries the connect span and ends when
+	// the Dialer closes or the connect's own context ends, not when the
+	// caller leaves (the connection then goes to the pool, as in pgxpool).
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	stop   func() bool // unregisters the close watcher
 	// wait bounds the gate's own waits: ctx plus the caller's deadline
 	// and cancellation when known.
 	wait     context.Context
-	waitStop func()      // releases wait's resources
-	refused  error       // set when the gate refused before touching the server
-	slot     bool        // holds a connecting slot
-	prepaid  atomic.Bool // admit took the token for the first dial
+	waitStop func() // releases wait's resources
+	refused  error  // set when the gate refused before touching the server
+	slot     bool   // holds a connecting slot
+	prepaid  atomic.Bool
 	ended    atomic.Bool
+
+	mu    sync.Mutex    // guards dials
+	dials []*dialRecord // in order
 }
 
-// begin runs the waits that come before the server is touched.
+// current returns the connection of the latest successful dial.
+func (e *establishment) current() *tracedConn {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for i := len(e.dials) - 1; i >= 0; i-- {
+		if c := e.dials[i].conn; c != nil {
+			return c
+		}
+	}
+	return nil
+}
+
+// begin starts the connect span and runs the waits that come before the
+// server is touched.
 func (d *Dialer) begin(ctx context.Context) *establishment {
 	d.inflight.Add(1)
 	d.stats.establishments.Add(1)
-	e := &establishment{start: time.Now()}
-	e.ctx, e.cancel = context.WithCancelCause(ctx)
+	e := &establishment{start: time.Now(), attempt: 1}
+	c := callerOf(ctx)
+	if c != nil && c.attempt > 1 {
+		e.attempt = c.attempt
+	}
+	e.reason = d.reasonFor(ctx, c)
+
+	opts := []trace.SpanStartOption{
+		trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithTimestamp(e.start),
+		trace.WithAttributes(d.tel.spanAttrs...),
+		trace.WithAttributes(AttrAttempt.Int(e.attempt), AttrReason.String(e.reason)),
+	}
+	if e.reason == ReasonWarmUp || e.reason == ReasonRefill {
+		// Background work gets a trace of its own, linked to whatever
+		// span created the pool.
+		opts = append(opts, trace.WithNewRoot())
+		if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
+			opts = append(opts, trace.WithLinks(trace.Link{SpanContext: sc}))
+		}
+	}
+	spanCtx, span := d.tel.tracer.Start(ctx, spanConnect, opts...)
+	e.span = span
+	e.traced = span.IsRecording() || d.tel.responseTime.Enabled(ctx)
+
+	e.ctx, e.cancel = context.WithCancelCause(spanCtx)
 	e.stop = context.AfterFunc(d.closeCtx, func() { e.cancel(ErrClosed) })
 	e.wait, e.waitStop = e.ctx, func() {}
-	c := callerOf(ctx)
 	if c != nil && c.ctx.Done() != nil {
 		var cancel context.CancelFunc
 		if dl, ok := c.ctx.Deadline(); ok {
@@ -84,6 +136,35 @@ func (d *Dialer) begin(ctx context.Context) *establishment {
 	return e
 }
 
+// reasonFor tells why ctx's establishment happens.
+func (d *Dialer) reasonFor(ctx context.Context, c *caller) string {
+	switch {
+	case c != nil && c.attempt > 1:
+		return ReasonRetry
+	case ctx.Value(warmUpKey{}) != nil:
+		return ReasonWarmUp
+	case !d.forPool:
+		return ReasonConnect
+	}
+	// pgxpool makes connections for callers on its own context, which has
+	// no deadline, and background ones (MinConns, MinIdleConns) with a
+	// 60-second timeout each.
+	if _, ok := ctx.Deadline(); ok && c == nil {
+		return ReasonRefill
+	}
+	return ReasonAcquire
+}
+
+type warmUpKey struct{}
+
+// WarmUpContext marks ctx, the context given to pgxpool.NewWithConfig, so
+// that the establishments of the pool's initial MinConns/MinIdleConns fill
+// are reported with reason warm-up, each in a trace of its own linked to
+// ctx's span. pool.New does this itself.
+func WarmUpContext(ctx context.Context) context.Context {
+	return context.WithValue(ctx, warmUpKey{}, true)
+}
+
 // admit waits for the startup delay, the recovery backoff, a connecting
 // slot and the first dial's token, in that order, all before pgconn starts
 // its connect_timeout clock. The token comes last so that a token is never
@@ -93,7 +174,7 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 		return ErrClosed
 	}
 	if !d.released.Load() {
-		if err := d.waitUntil(e, d.release, "startup jitter", &d.stats.jitterWait); err != nil {
+		if err := d.waitUntil(e, d.release, waitJitter); err != nil {
 			return err
 		}
 		d.released.Store(true)
@@ -102,7 +183,7 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 		d.mu.Lock()
 		until := d.until
 		d.mu.Unlock()
-		if err := d.waitUntil(e, until, "backoff", &d.stats.backoffWait); err != nil {
+		if err := d.waitUntil(e, until, waitBackoff); err != nil {
 			return err
 		}
 	}
@@ -116,6 +197,25 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 	return nil
 }
 
+// waitUntil waits for t, shedding at once if the caller's deadline comes
+// first.
+func (d *Dialer) waitUntil(e *establishment, t time.Time, kind waitKind) error {
+	wait := time.Until(t)
+	if wait <= 0 {
+		return nil
+	}
+	if dl, ok := e.wait.Deadline(); ok && dl.Before(t) {
+		return d.shed(e, kind, wait, time.Until(dl))
+	}
+	start := time.Now()
+	err := d.sleep(e.wait, wait)
+	d.emitWait(e.ctx, kind, start, time.Now())
+	if err != nil {
+		return d.waitError(e, kind, 0)
+	}
+	return nil
+}
+
 // takeSlot waits for a connecting slot.
 func (d *Dialer) takeSlot(e *establishment) error {
 	select {
@@ -125,40 +225,55 @@ func (d *Dialer) takeSlot(e *establishment) error {
 	default:
 	}
 	start := time.Now()
-	defer func() { d.stats.slotWait.add(time.Since(start)) }()
+	defer func() { d.emitWait(e.ctx, waitSlot, start, time.Now()) }()
 	select {
 	case d.slots <- struct{}{}:
 		e.slot = true
 		// A slot freed by Close or cancellation may win the race against
 		// the wait's end: do not go on to the server then.
 		if e.wait.Err() != nil {
-			return d.waitError(e, "connecting slot", 0)
+			return d.waitError(e, waitSlot, 0)
 		}
 		return nil
 	case <-e.wait.Done():
-		return d.waitError(e, "connecting slot", 0)
+		return d.waitError(e, waitSlot, 0)
 	}
 }
 
-// waitUntil waits for t, shedding at once if the caller's deadline comes
-// first.
-func (d *Dialer) waitUntil(e *establishment, t time.Time, what string, w *waitCounter) error {
-	wait := time.Until(t)
-	if wait <= 0 {
+// takeToken takes one token from the bucket for e, waiting for it unless
+// the wait cannot end before the caller's deadline.
+func (d *Dialer) takeToken(e *establishment) error {
+	now := time.Now()
+	r := d.limiter.ReserveN(now, 1)
+	if !r.OK() {
+		return ErrInvalidOption // burst 0: validated away in New
+	}
+	wait := r.DelayFrom(now)
+	if wait == 0 {
 		return nil
 	}
-	if dl, ok := e.wait.Deadline(); ok && dl.Before(t) {
-		d.stats.shed.Add(1)
-		return &shedError{wait: what, need: wait, left: time.Until(dl)}
+	if dl, ok := e.wait.Deadline(); ok && dl.Before(now.Add(wait)) {
+		r.CancelAt(now)
+		return d.shed(e, waitRate, wait, dl.Sub(now))
 	}
-	if err := d.sleep(e.wait, wait, w); err != nil {
-		return d.waitError(e, what, 0)
+	err := d.sleep(e.wait, wait)
+	d.emitWait(e.ctx, waitRate, now, time.Now())
+	if err != nil {
+		r.Cancel()
+		return d.waitError(e, waitRate, wait)
 	}
 	return nil
 }
 
+// shed refuses e because a wait of need cannot end in the left before the
+// caller's deadline.
+func (d *Dialer) shed(e *establishment, kind waitKind, need, left time.Duration) error {
+	d.stats.shed.Add(1)
+	return &shedError{wait: waitNames[kind], need: need, left: left}
+}
+
 // waitError explains why e.wait ended during a wait.
-func (d *Dialer) waitError(e *establishment, what string, need time.Duration) error {
+func (d *Dialer) waitError(e *establishment, kind waitKind, need time.Duration) error {
 	if d.closeCtx.Err() != nil {
 		return ErrClosed
 	}
@@ -167,25 +282,26 @@ func (d *Dialer) waitError(e *establishment, what string, need time.Duration) er
 	}
 	if errors.Is(e.wait.Err(), context.DeadlineExceeded) {
 		d.stats.shed.Add(1)
-		return &shedError{wait: what, need: need}
+		return &shedError{wait: waitNames[kind], need: need}
 	}
 	return e.wait.Err()
 }
 
-// end releases what begin took and learns from the outcome.
+// end releases what begin took, learns from the outcome and reports it.
 func (d *Dialer) end(e *establishment, err error) {
 	if !e.ended.CompareAndSwap(false, true) {
 		return
 	}
+	now := time.Now()
 	if e.slot {
 		<-d.slots
 	}
 	e.stop()
 	e.waitStop()
-	e.cancel(nil)
 	d.inflight.Add(-1)
 
-	switch Classify(err) {
+	class := Classify(err)
+	switch class {
 	case OK:
 		d.stats.ok.Add(1)
 		d.mu.Lock()
@@ -201,7 +317,7 @@ func (d *Dialer) end(e *establishment, err error) {
 		// Failures of establishments that touched the server before
 		// the last failure was recorded belong to the same outage: they
 		// do not lengthen the backoff.
-		if now := time.Now(); d.failedAt.IsZero() || e.admitted.After(d.failedAt) {
+		if d.failedAt.IsZero() || e.admitted.After(d.failedAt) {
 			wait := d.recovery.NextBackOff()
 			if wait == backoff.Stop {
 				d.recovery.Reset()
@@ -215,6 +331,59 @@ func (d *Dialer) end(e *establishment, err error) {
 		d.stats.permanent.Add(1)
 	case Closed:
 		d.stats.closedCount.Add(1)
+	}
+	d.report(e, err, class, now)
+	e.cancel(nil)
+}
+
+// report emits e's spans, metrics and log line.
+func (d *Dialer) report(e *establishment, err error, class Class, now time.Time) {
+	t := d.tel
+	ctx := e.ctx
+	e.mu.Lock()
+	dials := e.dials
+	e.mu.Unlock()
+	recording := e.span.IsRecording()
+	for _, r := range dials {
+		t.emitDial(ctx, r, now, recording)
+	}
+	t.attempts.Add(ctx, 1, metric.WithAttributeSet(t.outcomes[class]))
+	if class == OK {
+		t.createTime.RecordSet(ctx, now.Sub(e.start).Seconds(), t.poolSet)
+	}
+	if recording {
+		e.span.SetAttributes(AttrDials.Int(len(dials)))
+		if c := e.current(); c != nil && c.responseTime() > 0 {
+			e.span.SetAttributes(AttrPostmasterResponseTime.Float64(c.responseTime().Seconds()))
+		}
+		if err != nil {
+			e.span.SetAttributes(errorAttrs(err)...)
+			e.span.SetAttributes(AttrOutcome.String(class.String()))
+			e.span.SetStatus(codes.Error, err.Error())
+		}
+	}
+	e.span.End(trace.WithTimestamp(now))
+	if t.log != nil && err != nil {
+		level, msg := slog.LevelWarn, "pgstagger: connect failed"
+		switch class {
+		case Permanent:
+			level = slog.LevelError
+		case Shed:
+			level, msg = slog.LevelInfo, "pgstagger: connect shed"
+		case Closed:
+			level, msg = slog.LevelInfo, "pgstagger: connect ended by Close"
+		}
+		t.log.LogAttrs(ctx, level, msg, d.logAttrs(e, class, err)...)
+	}
+}
+
+func (d *Dialer) logAttrs(e *establishment, class Class, err error) []slog.Attr {
+	return []slog.Attr{
+		slog.String(string(d.tel.poolAttr.Key), d.tel.poolName),
+		slog.String(string(AttrReason), e.reason),
+		slog.Int(string(AttrAttempt), e.attempt),
+		slog.String(string(AttrOutcome), class.String()),
+		slog.Any("error", err),
 	}
 }
 
@@ -243,30 +412,51 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 			}
 		}
 		d.stats.dials.Add(1)
-		return next(ctx, network, addr)
+		if !e.traced {
+			return next(ctx, network, addr)
+		}
+		r := &dialRecord{network: network, addr: addr, start: time.Now()}
+		conn, err := next(ctx, network, addr)
+		r.end, r.err = time.Now(), err
+		if conn != nil {
+			r.conn = &tracedConn{Conn: conn}
+			conn = r.conn
+		}
+		e.mu.Lock()
+		e.dials = append(e.dials, r)
+		e.mu.Unlock()
+		return conn, err
 	}
 }
 
-// takeToken takes one token from the bucket for e, waiting for it unless
-// the wait cannot end before the caller's deadline.
-func (d *Dialer) takeToken(e *establishment) error {
-	now := time.Now()
-	r := d.limiter.ReserveN(now, 1)
-	if !r.OK() {
-		return ErrInvalidOption // burst 0: validated away in New
+// afterNetConnect marks the end of TLS (or of the dial, without TLS) on the
+// establishment's current connection, then runs next.
+func afterNetConnect(next func(context.Context, *pgconn.Config, net.Conn) (net.Conn, error)) func(context.Context, *pgconn.Config, net.Conn) (net.Conn, error) {
+	return func(ctx context.Context, cfg *pgconn.Config, conn net.Conn) (net.Conn, error) {
+		if e, _ := ctx.Value(establishmentKey{}).(*establishment); e != nil && e.traced {
+			if c := e.current(); c != nil {
+				c.netConnected.CompareAndSwap(0, time.Now().UnixNano())
+			}
+		}
+		if next != nil {
+			return next(ctx, cfg, conn)
+		}
+		return conn, nil
 	}
-	wait := r.DelayFrom(now)
-	if wait == 0 {
-		return nil
+}
+
+// lookupFunc wraps next with a span when the establishment is traced.
+func (d *Dialer) lookupFunc(next pgconn.LookupFunc) pgconn.LookupFunc {
+	return func(ctx context.Context, host string) ([]string, error) {
+		if !trace.SpanFromContext(ctx).IsRecording() {
+			return next(ctx, host)
+		}
+		ctx, span := d.tel.tracer.Start(ctx, spanLookup, trace.WithAttributes(semconv.ServerAddress(host)))
+		defer span.End()
+		addrs, err := next(ctx, host)
+		if err != nil {
+			span.SetStatus(codes.Error, err.Error())
+		}
+		return addrs, err
 	}
-	if dl, ok := e.wait.Deadline(); ok && dl.Before(now.Add(wait)) {
-		r.CancelAt(now)
-		d.stats.shed.Add(1)
-		return &shedError{wait: "rate limit", need: wait, left: dl.Sub(now)}
-	}
-	if err := d.sleep(e.wait, wait, &d.stats.rateWait); err != nil {
-		r.Cancel()
-		return d.waitError(e, "rate limit", wait)
-	}
-	return nil
 }

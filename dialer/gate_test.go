@@ -266,9 +266,7 @@ func TestRetryGivesUpAtTheCallersDeadline(t *testing.T) {
 }
 
 func TestPermanentFailuresAreNotRetried(t *testing.T) {
-	if err := db.Exec(context.Background(), "create role app login password 'right-pw'"); err != nil {
-		t.Fatal(err)
-	}
+	ensureRole(t, "app", "right-pw", "")
 	cases := []struct {
 		name, url, sqlstate string
 	}{

@@ -2,10 +2,14 @@ package dialer
 
 import (
 	"fmt"
+	"log/slog"
 	"math"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 
 	"github.com/pgstagger/pgstagger/jitter"
@@ -57,6 +61,11 @@ type config struct {
 
 	rand jitter.Rand
 
+	tracerProvider trace.TracerProvider
+	meterProvider  metric.MeterProvider
+	logger         *slog.Logger
+	poolName       string
+
 	errs []error
 }
 
@@ -76,6 +85,12 @@ func newConfig(opts ...Option) (*config, error) {
 	}
 	if len(c.errs) > 0 {
 		return nil, c.errs[0]
+	}
+	if c.tracerProvider == nil {
+		c.tracerProvider = otel.GetTracerProvider()
+	}
+	if c.meterProvider == nil {
+		c.meterProvider = otel.GetMeterProvider()
 	}
 	return c, nil
 }
@@ -204,6 +219,42 @@ func WithRand(r jitter.Rand) Option {
 		}
 		c.rand = r
 	})
+}
+
+// WithTracerProvider sets where connect spans go. nil is ignored. Default:
+// the global provider (otel.GetTracerProvider) when the Dialer is created.
+func WithTracerProvider(tp trace.TracerProvider) Option {
+	return optionFunc(func(c *config) {
+		if tp != nil {
+			c.tracerProvider = tp
+		}
+	})
+}
+
+// WithMeterProvider sets where the connection metrics go. nil is ignored.
+// Default: the global provider (otel.GetMeterProvider) when the Dialer is
+// created.
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return optionFunc(func(c *config) {
+		if mp != nil {
+			c.meterProvider = mp
+		}
+	})
+}
+
+// WithLogger logs connect failures (Warn, or Error when permanent), retries
+// (Info) and sheds (Info) to l. Lines carry the pool name, server address,
+// reason, attempt and error, never a password. Default: no logging.
+func WithLogger(l *slog.Logger) Option {
+	return optionFunc(func(c *config) { c.logger = l })
+}
+
+// WithPoolName sets the db.client.connection.pool.name attribute of spans,
+// metrics and log lines. Default: server.address:server.port/db.namespace of
+// the configuration the Dialer is first installed on, as the semantic
+// conventions suggest.
+func WithPoolName(name string) Option {
+	return optionFunc(func(c *config) { c.poolName = name })
 }
 
 // minFleetRate is the floor of the per-process rate WithFleet derives: one

@@ -42,10 +42,10 @@ func (d *Dialer) Stats() Stats {
 		Retries:        s.retries.Load(),
 		Dials:          s.dials.Load(),
 		CancelDials:    s.cancelDials.Load(),
-		JitterWait:     s.jitterWait.load(),
-		RateWait:       s.rateWait.load(),
-		SlotWait:       s.slotWait.load(),
-		BackoffWait:    s.backoffWait.load(),
+		JitterWait:     s.waits[waitJitter].load(),
+		RateWait:       s.waits[waitRate].load(),
+		SlotWait:       s.waits[waitSlot].load(),
+		BackoffWait:    s.waits[waitBackoff].load(),
 	}
 }
 
@@ -53,7 +53,7 @@ type counters struct {
 	establishments, ok, transient, permanent, closedCount atomic.Int64
 	shed, retries, dials, cancelDials                     atomic.Int64
 
-	jitterWait, rateWait, slotWait, backoffWait waitCounter
+	waits [numWaitKinds]waitCounter
 }
 
 type waitCounter struct{ count, total atomic.Int64 }

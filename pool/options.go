@@ -1,9 +1,13 @@
 package pool
 
 import (
+	"log/slog"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 
 	"github.com/pgstagger/pgstagger/dialer"
@@ -26,6 +30,7 @@ func (f optionFunc) apply(c *config) { f(c) }
 
 type config struct {
 	dialer         []dialer.Option
+	meterProvider  metric.MeterProvider
 	lifetimeJitter time.Duration
 	lifetimeSet    bool
 	rand           jitter.Rand
@@ -41,6 +46,9 @@ func newConfig(opts ...Option) (*config, error) {
 	}
 	if len(c.errs) > 0 {
 		return nil, c.errs[0]
+	}
+	if c.meterProvider == nil {
+		c.meterProvider = otel.GetMeterProvider()
 	}
 	return c, nil
 }
@@ -95,6 +103,39 @@ func WithBackOff(newPolicy func() backoff.BackOff) Option {
 // else 1. See [dialer.WithFleet]. Default: no fleet.
 func WithFleet(size int, serverBudget float64) Option {
 	return gate(dialer.WithFleet(size, serverBudget))
+}
+
+// WithTracerProvider sets where connect spans go: one span per connection
+// establishment, with child spans for every wait, dial, TLS handshake and
+// server startup. nil is ignored. Default: the global provider.
+func WithTracerProvider(tp trace.TracerProvider) Option {
+	return gate(dialer.WithTracerProvider(tp))
+}
+
+// WithMeterProvider sets where the pool's metrics go: the semantic
+// conventions' db.client.connection.* instruments and pgstagger's own. nil
+// is ignored. Default: the global provider. The acquire-path instruments
+// (wait_time, use_time, pending_requests, timeouts) are recorded when the
+// provider is in place as the pool is created; they cost nothing otherwise.
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return optionFunc(func(c *config) {
+		c.dialer = append(c.dialer, dialer.WithMeterProvider(mp))
+		if mp != nil {
+			c.meterProvider = mp
+		}
+	})
+}
+
+// WithLogger logs connect failures, retries and sheds to l, never with a
+// password. Default: no logging.
+func WithLogger(l *slog.Logger) Option {
+	return gate(dialer.WithLogger(l))
+}
+
+// WithPoolName names the pool in spans, metrics and log lines
+// (db.client.connection.pool.name). Default: host:port/database.
+func WithPoolName(name string) Option {
+	return gate(dialer.WithPoolName(name))
 }
 
 // WithDialerOptions passes options to the pool's [dialer.Dialer] as they are.

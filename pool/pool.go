@@ -25,10 +25,11 @@ var ErrClosed = dialer.ErrClosed
 //
 // A Pool is safe for concurrent use.
 type Pool struct {
-	p      *pgxpool.Pool
-	d      *dialer.Dialer
-	config *pgxpool.Config // the caller's configuration, as given
-	life   *lifetimes      // nil without lifetime jitter
+	p       *pgxpool.Pool
+	d       *dialer.Dialer
+	config  *pgxpool.Config // the caller's configuration, as given
+	life    *lifetimes      // nil without lifetime jitter
+	metrics *poolMetrics
 }
 
 // New creates a pool from a connection string (pgxpool.ParseConfig syntax,
@@ -83,10 +84,20 @@ func NewWithConfig(ctx context.Context, cfg *pgxpool.Config, opts ...Option) (*P
 	if err := d.InstallPool(inner); err != nil {
 		return nil, err
 	}
-	p.p, err = pgxpool.NewWithConfig(ctx, inner)
+	metrics, hooks, err := newPoolMetrics(pc.meterProvider, d.PoolName())
+	if err != nil {
+		return nil, err
+	}
+	join(inner.ConnConfig, hooks)
+	p.p, err = pgxpool.NewWithConfig(dialer.WarmUpContext(ctx), inner)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", dialer.ErrInvalidOption, err)
 	}
+	if err := metrics.observe(p.p, inner.MinIdleConns); err != nil {
+		p.p.Close()
+		return nil, err
+	}
+	p.metrics = metrics
 	return p, nil
 }
 
@@ -111,6 +122,7 @@ func (p *Pool) Close() {
 	p.d.Close()
 	p.p.Close()
 	p.life.close()
+	p.metrics.close()
 }
 
 // Acquire returns a connection from the pool, establishing one through the
