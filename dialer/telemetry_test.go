@@ -173,11 +173,11 @@ func TestConnectSpanTree(t *testing.T) {
 	}
 	for k, v := range want {
 		if got, ok := attrOf(cs, k); !ok || got != v {
-			t.Errorf("connect span %s = %v, want %v", k, got.Emit(), v.Emit())
+			t.Errorf("connect span %s = %v, want %v", k, got.String(), v.String())
 		}
 	}
 	if rt, ok := attrOf(cs, AttrPostmasterResponseTime); !ok || rt.AsFloat64() <= 0 {
-		t.Errorf("connect span has no positive postmaster response time (%v)", rt.Emit())
+		t.Errorf("connect span has no positive postmaster response time (%v)", rt.String())
 	}
 
 	kids := childrenOf(spans, cs)
