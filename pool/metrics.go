@@ -102,12 +102,13 @@ func (pm *poolMetrics) observe(p *pgxpool.Pool, minIdle int32) error {
 	return err
 }
 
-// join adds t's pool hooks to cfg's tracer.
+// join adds t's pool hooks to cfg's tracer, ahead of it, so that an acquire
+// is counted before any tracer of the caller's sees it.
 func join(cfg *pgx.ConnConfig, t pgx.QueryTracer) {
 	if t == nil {
 		return
 	}
-	cfg.Tracer = multitracer.New(cfg.Tracer, t)
+	cfg.Tracer = multitracer.New(t, cfg.Tracer)
 }
 
 func (pm *poolMetrics) close() {

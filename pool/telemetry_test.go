@@ -1,0 +1,328 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
+	"google.golang.org/grpc"
+
+	"github.com/pgstagger/pgstagger/dialer"
+)
+
+type otelEnv struct {
+	spans  *tracetest.SpanRecorder
+	tp     *sdktrace.TracerProvider
+	reader *sdkmetric.ManualReader
+	mp     *sdkmetric.MeterProvider
+}
+
+func newOtelEnv(t *testing.T) *otelEnv {
+	t.Helper()
+	e := &otelEnv{spans: tracetest.NewSpanRecorder(), reader: sdkmetric.NewManualReader()}
+	e.tp = sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans))
+	e.mp = sdkmetric.NewMeterProvider(sdkmetric.WithReader(e.reader))
+	t.Cleanup(func() {
+		_ = e.tp.Shutdown(context.Background())
+		_ = e.mp.Shutdown(context.Background())
+	})
+	return e
+}
+
+func (e *otelEnv) opts() []Option {
+	return []Option{WithTracerProvider(e.tp), WithMeterProvider(e.mp)}
+}
+
+func connectSpans(spans []sdktrace.ReadOnlySpan, reason string) []sdktrace.ReadOnlySpan {
+	var out []sdktrace.ReadOnlySpan
+	for _, s := range spans {
+		if s.Name() != "pgstagger.connect" {
+			continue
+		}
+		for _, a := range s.Attributes() {
+			if a.Key == dialer.AttrReason && a.Value.AsString() == reason {
+				out = append(out, s)
+			}
+		}
+	}
+	return out
+}
+
+// connected returns a config whose AfterConnect reports each new connection.
+func connected(t *testing.T, params ...string) (*pgxpool.Config, chan struct{}) {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(db.ConnString("", params...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := make(chan struct{}, 100)
+	cfg.AfterConnect = func(context.Context, *pgx.Conn) error { ch <- struct{}{}; return nil }
+	return cfg, ch
+}
+
+func receive(t *testing.T, ch chan struct{}, n int) {
+	t.Helper()
+	for i := range n {
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("only %d of %d connections made", i, n)
+		}
+	}
+}
+
+func TestBackgroundConnectsGetRootSpans(t *testing.T) {
+	env := newOtelEnv(t)
+	cfg, made := connected(t, "pool_min_conns=2", "pool_max_conns=4")
+	cfg.HealthCheckPeriod = 50 * time.Millisecond
+	ctx, creator := env.tp.Tracer("test").Start(context.Background(), "service start")
+	p, err := NewWithConfig(ctx, cfg, append(env.opts(), fast...)...)
+	creator.End()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	receive(t, made, 2) // warm-up
+	p.Reset()
+	receive(t, made, 2) // refill by the health check
+
+	p.Close()
+	// An empty pool must establish a connection for this caller.
+	empty := newPool(t, db.ConnString(""), append(env.opts(), fast...)...)
+	ctx2, caller := env.tp.Tracer("test").Start(context.Background(), "request")
+	if err := empty.Ping(ctx2); err != nil {
+		t.Fatal(err)
+	}
+	caller.End()
+
+	spans := env.spans.Ended()
+	warm, refill, acquire := connectSpans(spans, dialer.ReasonWarmUp), connectSpans(spans, dialer.ReasonRefill), connectSpans(spans, dialer.ReasonAcquire)
+	if len(warm) != 2 || len(refill) != 2 {
+		t.Fatalf("%d warm-up and %d refill connect spans, want 2 each", len(warm), len(refill))
+	}
+	for _, s := range append(warm, refill...) {
+		if s.Parent().IsValid() {
+			t.Errorf("background connect span has a parent %v", s.Parent().SpanID())
+		}
+	}
+	for _, s := range warm {
+		if len(s.Links()) != 1 || s.Links()[0].SpanContext.SpanID() != creator.SpanContext().SpanID() {
+			t.Errorf("warm-up span not linked to the pool's creator: %v", s.Links())
+		}
+	}
+	if len(acquire) != 1 || acquire[0].Parent().SpanID() != caller.SpanContext().SpanID() {
+		t.Errorf("%d acquire connect spans; want 1, a child of the caller's span", len(acquire))
+	}
+}
+
+func collect(t *testing.T, r *sdkmetric.ManualReader) map[string]metricdata.Metrics {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := r.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]metricdata.Metrics{}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			out[m.Name] = m
+		}
+	}
+	return out
+}
+
+// point returns the int64 value of metric name at the data point with
+// attrs, and whether there is one.
+func point(m metricdata.Metrics, attrs ...attribute.KeyValue) (int64, bool) {
+	want := attribute.NewSet(attrs...)
+	switch d := m.Data.(type) {
+	case metricdata.Sum[int64]:
+		for _, dp := range d.DataPoints {
+			if dp.Attributes.Equals(&want) {
+				return dp.Value, true
+			}
+		}
+	case metricdata.Histogram[float64]:
+		for _, dp := range d.DataPoints {
+			if dp.Attributes.Equals(&want) {
+				return int64(dp.Count), true
+			}
+		}
+	}
+	return 0, false
+}
+
+func TestPoolMetricsFollowTheConventions(t *testing.T) {
+	env := newOtelEnv(t)
+	cfg, made := connected(t, "pool_max_conns=2", "pool_min_idle_conns=1")
+	acquiring := make(chan struct{}, 10)
+	cfg.ConnConfig.Tracer = &acquireSignal{ch: acquiring}
+	p, err := NewWithConfig(context.Background(), cfg, append(env.opts(), WithPoolName("billing"))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	receive(t, made, 1)
+	name := semconv.DBClientConnectionPoolName("billing")
+	ctx := context.Background()
+	c1, err := p.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := p.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-acquiring
+	<-acquiring
+	// The pool is full: a caller with a short deadline times out.
+	tctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	_, err = p.Acquire(tctx)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("acquire from a full pool: %v", err)
+	}
+	<-acquiring
+	// And one waits while we look.
+	waiting := make(chan error, 1)
+	go func() {
+		c, err := p.Acquire(ctx)
+		if err == nil {
+			c.Release()
+		}
+		waiting <- err
+	}()
+	<-acquiring // the pool's hooks run first: the waiter is counted now
+	m := collect(t, env.reader)
+	check := func(metricName string, want int64, attrs ...attribute.KeyValue) {
+		t.Helper()
+		if got, ok := point(m[metricName], attrs...); !ok || got != want {
+			t.Errorf("%s%v = %d (present %v), want %d", metricName, attrs, got, ok, want)
+		}
+	}
+	check("db.client.connection.pending_requests", 1, name)
+	units := map[string]string{
+		"db.client.connection.count":            "{connection}",
+		"db.client.connection.max":              "{connection}",
+		"db.client.connection.idle.max":         "{connection}",
+		"db.client.connection.idle.min":         "{connection}",
+		"db.client.connection.pending_requests": "{request}",
+		"db.client.connection.timeouts":         "{timeout}",
+		"db.client.connection.wait_time":        "s",
+		"db.client.connection.create_time":      "s",
+	}
+	for n, u := range units {
+		if got, ok := m[n]; !ok || got.Unit != u {
+			t.Errorf("metric %s: present %v, unit %q, want %q", n, ok, got.Unit, u)
+		}
+	}
+	used := semconv.DBClientConnectionStateUsed
+	check("db.client.connection.count", 2, name, used)
+	check("db.client.connection.count", 0, name, semconv.DBClientConnectionStateIdle)
+	check("db.client.connection.max", 2, name)
+	check("db.client.connection.idle.max", 2, name)
+	check("db.client.connection.idle.min", 1, name)
+	check("db.client.connection.timeouts", 1, name)
+	check("db.client.connection.wait_time", 3, name) // c1, c2 and the timed-out one
+	c1.Release()
+	if err := <-waiting; err != nil {
+		t.Fatal(err)
+	}
+	c2.Release()
+	m = collect(t, env.reader)
+	check("db.client.connection.use_time", 3, name)
+	check("db.client.connection.pending_requests", 0, name)
+}
+
+// acquireSignal is a caller's pool tracer that reports each acquire.
+type acquireSignal struct{ ch chan struct{} }
+
+func (a *acquireSignal) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+func (a *acquireSignal) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (a *acquireSignal) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, _ pgxpool.TraceAcquireStartData) context.Context {
+	a.ch <- struct{}{}
+	return ctx
+}
+func (a *acquireSignal) TraceAcquireEnd(context.Context, *pgxpool.Pool, pgxpool.TraceAcquireEndData) {
+}
+
+// collector is an OTLP/gRPC trace service that keeps what it receives.
+type collector struct {
+	collectortrace.UnimplementedTraceServiceServer
+	mu    sync.Mutex
+	names []string
+	got   chan struct{}
+}
+
+func (c *collector) Export(_ context.Context, req *collectortrace.ExportTraceServiceRequest) (*collectortrace.ExportTraceServiceResponse, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, rs := range req.ResourceSpans {
+		for _, ss := range rs.ScopeSpans {
+			for _, s := range ss.Spans {
+				c.names = append(c.names, s.Name)
+			}
+		}
+	}
+	select {
+	case c.got <- struct{}{}:
+	default:
+	}
+	return &collectortrace.ExportTraceServiceResponse{}, nil
+}
+
+func TestConnectSpansReachAnOTLPCollector(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	col := &collector{got: make(chan struct{}, 1)}
+	collectortrace.RegisterTraceServiceServer(srv, col)
+	go func() { _ = srv.Serve(l) }()
+	defer srv.Stop()
+
+	ctx := context.Background()
+	exp, err := otlptracegrpc.New(ctx, otlptracegrpc.WithEndpoint(l.Addr().String()), otlptracegrpc.WithInsecure())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp))
+	p := newPool(t, db.ConnString(""), append(fast, WithTracerProvider(tp))...)
+	if err := p.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tp.Shutdown(ctx); err != nil { // flushes over gRPC
+		t.Fatal(err)
+	}
+	col.mu.Lock()
+	names := append([]string(nil), col.names...)
+	col.mu.Unlock()
+	sort.Strings(names)
+	want := map[string]bool{"pgstagger.connect": false, "pgstagger.dial": false, "pgstagger.startup": false}
+	for _, n := range names {
+		if _, ok := want[n]; ok {
+			want[n] = true
+		}
+	}
+	for n, ok := range want {
+		if !ok {
+			t.Errorf("collector did not receive a %s span; got %v", n, names)
+		}
+	}
+}
