@@ -52,5 +52,19 @@
 // the last cause. [ErrInvalidOption] marks bad options and connection
 // strings; no error the package makes contains a password.
 //
+// # Telemetry
+//
+// Every establishment gets a pgstagger.connect span ([WithTracerProvider]):
+// a child of the caller's span, or a root span for a pool's background work
+// ([ReasonWarmUp], [ReasonRefill]). Child spans cover each wait the gate
+// imposed, the lookup, each TCP dial, the TLS handshake and server startup;
+// [AttrPostmasterResponseTime] is measured on the wire, from the client's
+// first byte to the server's first byte back. Failures carry error.type and
+// db.response.status_code (the SQLSTATE). Metrics ([WithMeterProvider])
+// include db.client.connection.create_time and pgstagger.connect.attempts,
+// pgstagger.connect.wait_time and pgstagger.postmaster.response_time, with
+// [DurationBuckets]. [WithLogger] logs failures, retries and sheds. None of
+// them ever carries a password.
+//
 // A Dialer is safe for concurrent use.
 package dialer

@@ -50,6 +50,18 @@
 // [New] with [dialer.ErrInvalidOption], naming the option and the value and
 // never the password.
 //
+// # Telemetry
+//
+// With [WithTracerProvider] and [WithMeterProvider] (the global providers by
+// default), every connection the pool establishes is a span with child spans
+// for every wait and every phase on the wire (see [dialer]), and the pool
+// reports the semantic conventions' db.client.connection.* metrics: count by
+// state, max, idle.max, idle.min, pending_requests, timeouts, create_time,
+// wait_time and use_time. The acquire-path instruments are installed only
+// when enabled as the pool is created, so a pool without metrics pays
+// nothing per Acquire. [WithLogger] logs connect failures, retries and
+// sheds.
+//
 // # Hooks and tracers
 //
 // The configuration's BeforeConnect, AfterConnect, PrepareConn (or the
