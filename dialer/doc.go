@@ -17,8 +17,11 @@
 //   - at most n establishments in flight ([WithMaxConnecting]);
 //   - retries of transient failures with backoff and full jitter
 //     (github.com/cenkalti/backoff/v4, [WithBackOff]), and a shared recovery
-//     backoff after failures for establishments outside a retry loop, such
-//     as a pool's background refills;
+//     delay after a failure: every later establishment of the process waits
+//     the longer of the backoff and a fresh draw over the startup window, so
+//     a fleet that loses its server together comes back spread out, as at
+//     a fresh start. A dial refused at the TCP level gives its token back;
+//     the server forked nothing for it;
 //   - a fleet budget that derives the window and the rate from the fleet's
 //     size and what the server should absorb ([WithFleet]).
 //

@@ -7,12 +7,15 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"go.opentelemetry.io/otel/codes"
+
+	"github.com/pgstagger/pgstagger/jitter"
 	"go.opentelemetry.io/otel/metric"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
@@ -64,10 +67,10 @@ type establishment struct {
 	// wait bounds the gate's own waits: ctx plus the caller's deadline
 	// and cancellation when known.
 	wait     context.Context
-	waitStop func() // releases wait's resources
-	refused  error  // set when the gate refused before touching the server
-	slot     bool   // holds a connecting slot
-	prepaid  atomic.Bool
+	waitStop func()                 // releases wait's resources
+	refused  error                  // set when the gate refused before touching the server
+	slot     bool                   // holds a connecting slot
+	prepaid  atomic.Pointer[func()] // refund of the token admit took for the first dial
 	ended    atomic.Bool
 
 	mu    sync.Mutex    // guards dials
@@ -165,10 +168,11 @@ func WarmUpContext(ctx context.Context) context.Context {
 	return context.WithValue(ctx, warmUpKey{}, true)
 }
 
-// admit waits for the startup delay, the recovery backoff, a connecting
-// slot and the first dial's token, in that order, all before pgconn starts
-// its connect_timeout clock. The token comes last so that a token is never
-// spent long before its dial: the server sees dials at the bucket's pace.
+// admit waits for the startup delay, the recovery delay after failures, a
+// connecting slot and the first dial's token, in that order, all before
+// pgconn starts its connect_timeout clock. The token comes last so that a
+// token is never spent long before its dial: the server sees dials at the
+// bucket's pace.
 func (d *Dialer) admit(e *establishment, c *caller) error {
 	if d.closeCtx.Err() != nil {
 		return ErrClosed
@@ -179,21 +183,20 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 		}
 		d.released.Store(true)
 	}
-	if c == nil || c.attempt == 0 {
-		d.mu.Lock()
-		until := d.until
-		d.mu.Unlock()
-		if err := d.waitUntil(e, until, waitBackoff); err != nil {
-			return err
-		}
+	d.mu.Lock()
+	until := d.until
+	d.mu.Unlock()
+	if err := d.waitUntil(e, until, waitBackoff); err != nil {
+		return err
 	}
 	if err := d.takeSlot(e); err != nil {
 		return err
 	}
-	if err := d.takeToken(e); err != nil {
+	refund, err := d.takeToken(e)
+	if err != nil {
 		return err
 	}
-	e.prepaid.Store(true)
+	e.prepaid.Store(&refund)
 	return nil
 }
 
@@ -241,28 +244,33 @@ func (d *Dialer) takeSlot(e *establishment) error {
 }
 
 // takeToken takes one token from the bucket for e, waiting for it unless
-// the wait cannot end before the caller's deadline.
-func (d *Dialer) takeToken(e *establishment) error {
+// the wait cannot end before the caller's deadline. refund gives the token
+// back, for a dial that turned out to cost the server nothing.
+func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 	now := time.Now()
 	r := d.limiter.ReserveN(now, 1)
 	if !r.OK() {
-		return ErrInvalidOption // burst 0: validated away in New
+		return nil, ErrInvalidOption // burst 0: validated away in New
 	}
 	wait := r.DelayFrom(now)
+	// Cancelling as of the moment the token was used restores it exactly,
+	// less whatever other reservations took since.
+	act := now.Add(wait)
+	refund = func() { r.CancelAt(act) }
 	if wait == 0 {
-		return nil
+		return refund, nil
 	}
-	if dl, ok := e.wait.Deadline(); ok && dl.Before(now.Add(wait)) {
+	if dl, ok := e.wait.Deadline(); ok && dl.Before(act) {
 		r.CancelAt(now)
-		return d.shed(e, waitRate, wait, dl.Sub(now))
+		return nil, d.shed(e, waitRate, wait, dl.Sub(now))
 	}
-	err := d.sleep(e.wait, wait)
+	err = d.sleep(e.wait, wait)
 	d.emitWait(e.ctx, waitRate, now, time.Now())
 	if err != nil {
 		r.Cancel()
-		return d.waitError(e, waitRate, wait)
+		return nil, d.waitError(e, waitRate, wait)
 	}
-	return nil
+	return refund, nil
 }
 
 // shed refuses e because a wait of need cannot end in the left before the
@@ -323,6 +331,11 @@ func (d *Dialer) end(e *establishment, err error) {
 				d.recovery.Reset()
 				wait = max(d.recovery.NextBackOff(), 0)
 			}
+			// A failing server is often failing for the whole fleet
+			// (a restart): spread this process's reconnects over the
+			// startup window, as at a fresh start, so that the
+			// fleet comes back at its budget and not all at once.
+			wait = max(wait, jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
 			d.until, d.failedAt = now.Add(wait), now
 			d.failing.Store(true)
 		}
@@ -406,17 +419,26 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 		if context.Cause(e.ctx) == ErrClosed {
 			return nil, ErrClosed
 		}
-		if !e.prepaid.CompareAndSwap(true, false) {
-			if err := d.takeToken(e); err != nil {
+		var refund func()
+		if p := e.prepaid.Swap(nil); p != nil {
+			refund = *p
+		} else {
+			var err error
+			if refund, err = d.takeToken(e); err != nil {
 				return nil, err
 			}
 		}
 		d.stats.dials.Add(1)
-		if !e.traced {
-			return next(ctx, network, addr)
-		}
 		r := &dialRecord{network: network, addr: addr, start: time.Now()}
 		conn, err := next(ctx, network, addr)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			// Nothing listened: the server forked nothing for it.
+			refund()
+			d.stats.refunds.Add(1)
+		}
+		if !e.traced {
+			return conn, err
+		}
 		r.end, r.err = time.Now(), err
 		if conn != nil {
 			r.conn = &tracedConn{Conn: conn}

@@ -22,13 +22,20 @@ import (
 // a DialFunc that never reaches the network: it either refuses, like a port
 // with no server, or blocks until its context ends, like a frozen one.
 
-// fakeDials records dial times and answers each dial with refused, or blocks
-// until ctx is done when block is set.
+// fakeDials records dial times and answers each dial with err (refused when
+// nil), or blocks until ctx is done when block is set.
 type fakeDials struct {
 	mu    sync.Mutex
 	times []time.Time
 	block bool
+	err   error
 }
+
+// Failures a fake dial can answer with besides refused.
+var (
+	errReset     = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", syscall.ECONNRESET)} // accepted, then reset: the server forked
+	errPermanent = errors.New("test: no such server")                                                        // not transient: leaves no recovery state
+)
 
 func (f *fakeDials) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	f.mu.Lock()
@@ -38,6 +45,9 @@ func (f *fakeDials) dial(ctx context.Context, network, addr string) (net.Conn, e
 	if block {
 		<-ctx.Done()
 		return nil, ctx.Err()
+	}
+	if f.err != nil {
+		return nil, f.err
 	}
 	return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
 }
@@ -62,7 +72,7 @@ func noRetry() backoff.BackOff { return &backoff.StopBackOff{} }
 
 func TestBucketSpacesDialsExactly(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := &fakeDials{}
+		f := &fakeDials{err: errReset}
 		d, err := New(WithStartupJitter(0), WithConnectRate(10, 1), WithMaxConnecting(50), WithBackOff(noRetry))
 		if err != nil {
 			t.Fatal(err)
@@ -156,7 +166,7 @@ func TestRetryStopsAtOnceWhenBackoffCannotFitDeadline(t *testing.T) {
 
 func TestStartupJitterHoldsEveryCallerUntilRelease(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := &fakeDials{}
+		f := &fakeDials{err: errPermanent}
 		d, err := New(WithStartupJitter(time.Second), WithRand(func() float64 { return 0.25 }),
 			WithConnectRate(rate.Inf, 1), WithMaxConnecting(10), WithBackOff(noRetry))
 		if err != nil {
@@ -338,6 +348,78 @@ func TestWaitsEndOnCancelAndClose(t *testing.T) {
 			})
 		}
 	}
+}
+
+func TestRefusedDialsGiveTheirTokenBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		lim := rate.NewLimiter(rate.Every(time.Hour), 1)
+		d, err := New(WithStartupJitter(0), WithLimiter(lim), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		refused := &fakeDials{}
+		cfg := fakeConfig(t, refused)
+		start := time.Now()
+		for range 5 {
+			if _, err := d.Connect(context.Background(), cfg); Classify(err) != Transient {
+				t.Fatalf("connect: %v", err)
+			}
+		}
+		for i, ts := range refused.times {
+			if ts != start {
+				t.Errorf("refused dial %d at +%v: a refused dial must not use up the hour-long token", i, ts.Sub(start))
+			}
+		}
+		if s := d.Stats(); s.Refunds != 5 {
+			t.Errorf("refunds = %d, want 5", s.Refunds)
+		}
+		// A dial the server accepted (and then reset) keeps its token: the
+		// next connect cannot have one within its deadline.
+		cfg.DialFunc = (&fakeDials{err: errReset}).dial
+		if _, err := d.Connect(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("connect: %v", err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := d.Connect(ctx, cfg); !errors.Is(err, ErrShed) {
+			t.Errorf("connect after an accepted dial: %v, want shed (the bucket is empty for an hour)", err)
+		}
+	})
+}
+
+func TestRecoveryIsSpreadOverTheStartupWindow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		d, err := New(WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.3 }),
+			WithConnectRate(rate.Inf, 1), WithBackOff(func() backoff.BackOff {
+				return backoff.WithMaxRetries(backoff.NewConstantBackOff(time.Second), 1)
+			}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		if err := d.Install(cfg); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		// The first connect waits for the startup release at 3s and fails.
+		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("first connect: %v", err)
+		}
+		// The next waits the longer of the backoff (1s) and a fresh draw
+		// over the startup window (0.3 × 10s): at 6s, as if starting anew.
+		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("second connect: %v", err)
+		}
+		if got := []time.Duration{f.times[0].Sub(start), f.times[1].Sub(start)}; got[0] != 3*time.Second || got[1] != 6*time.Second {
+			t.Errorf("dials at %v, want [3s 6s]", got)
+		}
+		// A retry loop's attempts wait for it too.
+		_, _ = d.Connect(context.Background(), cfg) // fails at 9s, retries once at 12s
+		if got := f.times[3].Sub(f.times[2]); got != 3*time.Second {
+			t.Errorf("retry attempt %v after the previous, want the 3s recovery delay", got)
+		}
+	})
 }
 
 func TestCancelRequestsNeverWaitForTheBucket(t *testing.T) {

@@ -14,7 +14,8 @@ type Stats struct {
 	Closed         int64 // ... ended by Close
 	Shed           int64 // waits refused because the caller's deadline came first
 	Retries        int64 // retry-loop attempts after the first
-	Dials          int64 // TCP connections opened for establishments
+	Dials          int64 // TCP connections attempted for establishments
+	Refunds        int64 // ... refused by the server's host: their tokens were given back
 	CancelDials    int64 // TCP connections opened for CancelRequests
 
 	JitterWait  WaitStats // startup jitter
@@ -41,6 +42,7 @@ func (d *Dialer) Stats() Stats {
 		Shed:           s.shed.Load(),
 		Retries:        s.retries.Load(),
 		Dials:          s.dials.Load(),
+		Refunds:        s.refunds.Load(),
 		CancelDials:    s.cancelDials.Load(),
 		JitterWait:     s.waits[waitJitter].load(),
 		RateWait:       s.waits[waitRate].load(),
@@ -51,7 +53,7 @@ func (d *Dialer) Stats() Stats {
 
 type counters struct {
 	establishments, ok, transient, permanent, closedCount atomic.Int64
-	shed, retries, dials, cancelDials                     atomic.Int64
+	shed, retries, dials, refunds, cancelDials            atomic.Int64
 
 	waits [numWaitKinds]waitCounter
 }

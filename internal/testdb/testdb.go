@@ -63,6 +63,11 @@ type Options struct {
 	TLS bool
 	// Password is the superuser's password; a random one by default.
 	Password string
+	// Auth is the pg_hba.conf method for TCP and socket connections:
+	// "scram-sha-256" (the default), "md5" or "trust". scram-sha-256 costs
+	// the client thousands of hash iterations per connect; demos that
+	// measure the postmaster itself can use a cheaper method.
+	Auth string
 	// Log, when set, receives the server's log output.
 	Log func(line string)
 }
@@ -183,7 +188,18 @@ func Start(opts Options) (c *Cluster, err error) {
 	for k, v := range opts.Settings {
 		conf[k] = quoteSetting(v)
 	}
-	if err := c.writeConf(conf, owner); err != nil {
+	auth := opts.Auth
+	switch auth {
+	case "":
+		auth = "scram-sha-256"
+	case "scram-sha-256", "md5", "trust":
+	default:
+		return nil, fmt.Errorf("testdb: Options.Auth %q: want scram-sha-256, md5 or trust", auth)
+	}
+	if auth == "md5" {
+		conf["password_encryption"] = "'md5'"
+	}
+	if err := c.writeConf(conf, auth, owner); err != nil {
 		return nil, err
 	}
 
@@ -615,7 +631,7 @@ func (c *Cluster) WaitConnectionsReceived(n int64, timeout time.Duration) int64 
 // Log returns the server's most recent log lines.
 func (c *Cluster) Log() string { return c.logBuf.String() }
 
-func (c *Cluster) writeConf(conf map[string]string, owner fileOwner) error {
+func (c *Cluster) writeConf(conf map[string]string, auth string, owner fileOwner) error {
 	var b bytes.Buffer
 	b.WriteString("\n# testdb\n")
 	keys := make([]string, 0, len(conf))
@@ -637,9 +653,9 @@ func (c *Cluster) writeConf(conf map[string]string, owner fileOwner) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("testdb: %w", err)
 	}
-	hba := "local all all scram-sha-256\n" +
-		"host all all 127.0.0.1/32 scram-sha-256\n" +
-		"host all all ::1/128 scram-sha-256\n"
+	hba := "local all all " + auth + "\n" +
+		"host all all 127.0.0.1/32 " + auth + "\n" +
+		"host all all ::1/128 " + auth + "\n"
 	p := filepath.Join(c.data, "pg_hba.conf")
 	if err := os.WriteFile(p, []byte(hba), 0o600); err != nil {
 		return fmt.Errorf("testdb: %w", err)

@@ -1,0 +1,178 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstagger/pgstagger/pool"
+)
+
+// workerPool is what a worker needs of its pool: both pgxpool and
+// pgstagger's pool have it.
+type workerPool interface {
+	Acquire(ctx context.Context) (*pgxpool.Conn, error)
+	Close()
+}
+
+// runConfig is one fleet start.
+type runConfig struct {
+	name     string
+	url      string
+	fleet    int           // workers, each with a pool of its own
+	conns    int           // connections each worker needs
+	deadline time.Duration // each worker's deadline, from the fleet's start
+	// newPool builds a worker's pool from cfg, which counts its dials.
+	newPool func(ctx context.Context, cfg *pgxpool.Config) (workerPool, error)
+}
+
+// runResult is what one fleet start did.
+type runResult struct {
+	name      string
+	fleet     int
+	failed    int
+	firstErr  string
+	waits     []time.Duration // successful workers, from start to ready
+	allReady  time.Duration   // last successful worker ready (0 if none)
+	dials     int64           // TCP connections the workers opened
+	bystander []sample
+}
+
+// runFleet starts cfg.fleet workers at once. Each creates its pool, then
+// acquires cfg.conns connections and runs a query on each, within its
+// deadline; it is ready when all succeeded. A bystander connects every 25ms
+// throughout.
+func runFleet(ctx context.Context, cfg runConfig, by *bystander, progress bool) (runResult, error) {
+	base, err := pgxpool.ParseConfig(cfg.url)
+	if err != nil {
+		return runResult{}, err
+	}
+	base.MaxConns = int32(cfg.conns)
+	base.MinConns = int32(cfg.conns)
+	var dials atomic.Int64
+	var nd net.Dialer
+	base.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		return nd.DialContext(ctx, network, addr)
+	}
+
+	byCtx, stopBy := context.WithCancel(ctx)
+	byDone := make(chan struct{})
+	go func() { by.run(byCtx); close(byDone) }()
+	// Let the bystander show the idle server first.
+	time.Sleep(250 * time.Millisecond)
+
+	var (
+		mu       sync.Mutex
+		res      = runResult{name: cfg.name, fleet: cfg.fleet}
+		ready    atomic.Int64
+		failed   atomic.Int64
+		pools    = make([]workerPool, cfg.fleet)
+		startGun = make(chan struct{})
+		wg       sync.WaitGroup
+	)
+	for i := range cfg.fleet {
+		wg.Go(func() {
+			<-startGun
+			start := time.Now()
+			wctx, cancel := context.WithTimeout(ctx, cfg.deadline)
+			defer cancel()
+			p, err := cfg.newPool(ctx, base.Copy())
+			if err == nil {
+				pools[i] = p
+				err = work(wctx, p, cfg.conns)
+			}
+			wait := time.Since(start)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				failed.Add(1)
+				res.failed++
+				if res.firstErr == "" {
+					res.firstErr = err.Error()
+				}
+				return
+			}
+			ready.Add(1)
+			res.waits = append(res.waits, wait)
+			res.allReady = max(res.allReady, wait)
+		})
+	}
+	start := time.Now()
+	close(startGun)
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+loop:
+	for {
+		select {
+		case <-done:
+			break loop
+		case <-tick.C:
+			if progress {
+				last, _ := by.last()
+				fmt.Fprintf(os.Stderr, "\r%-10s %5.1fs  ready %5d/%d  failed %5d  bystander's last connect %8s ",
+					cfg.name, time.Since(start).Seconds(), ready.Load(), cfg.fleet, failed.Load(), last.Round(time.Millisecond))
+			}
+		}
+	}
+	if progress {
+		fmt.Fprintf(os.Stderr, "\r%100s\r", "")
+	}
+	// Watch the server settle, then stop the bystander.
+	time.Sleep(500 * time.Millisecond)
+	stopBy()
+	<-byDone
+	for _, p := range pools {
+		if p != nil {
+			p.Close()
+		}
+	}
+	res.dials = dials.Load()
+	// Bystander times are relative to its start; shift them to the fleet's.
+	offset := start.Sub(by.start)
+	for _, s := range by.snapshot() {
+		s.at -= offset
+		res.bystander = append(res.bystander, s)
+	}
+	return res, nil
+}
+
+// work acquires conns connections at once and runs a query on each.
+func work(ctx context.Context, p workerPool, conns int) error {
+	held := make([]*pgxpool.Conn, 0, conns)
+	defer func() {
+		for _, c := range held {
+			c.Release()
+		}
+	}()
+	for range conns {
+		c, err := p.Acquire(ctx)
+		if err != nil {
+			return err
+		}
+		held = append(held, c)
+		var one int
+		if err := c.QueryRow(ctx, "select 1").Scan(&one); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func plainPool(ctx context.Context, cfg *pgxpool.Config) (workerPool, error) {
+	return pgxpool.NewWithConfig(ctx, cfg)
+}
+
+func staggeredPool(opts ...pool.Option) func(context.Context, *pgxpool.Config) (workerPool, error) {
+	return func(ctx context.Context, cfg *pgxpool.Config) (workerPool, error) {
+		return pool.NewWithConfig(ctx, cfg, opts...)
+	}
+}

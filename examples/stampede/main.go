@@ -1,0 +1,246 @@
+// Command stampede shows what a synchronized fleet start does to a
+// PostgreSQL server, with plain pgxpool and with pgstagger, side by side.
+//
+// It starts a throwaway cluster (or uses -url), measures the postmaster's
+// capacity (connections admitted per second at saturation) and an idle
+// connect, then starts the same fleet twice: -fleet workers, each with a
+// pool of its own as separate processes would have, all at the same instant,
+// each acquiring -conns connections within -deadline. A bystander client
+// opens a fresh connection every 25ms throughout and records how long the
+// postmaster takes to let it in. It prints a table and writes an SVG chart
+// of the bystander's connect latency over time.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"github.com/pgstagger/pgstagger/internal/testdb"
+	"github.com/pgstagger/pgstagger/pool"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "stampede:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	url       string
+	scenario  string
+	fleet     int
+	fleetSet  bool // -fleet given: never scaled
+	conns     int
+	deadline  time.Duration
+	budget    float64
+	chart     string
+	bystander time.Duration // interval between the bystander's connects
+}
+
+// maxWindow bounds the pgstagger run when -fleet is not given: on a server
+// too slow for the default fleet within it, the fleet is scaled down so the
+// demo finishes in about a minute.
+const maxWindow = 20 * time.Second
+
+func run() error {
+	var o options
+	flag.StringVar(&o.url, "url", "", "PostgreSQL connection string (its max_connections must exceed fleet × conns); empty starts a throwaway local cluster")
+	flag.StringVar(&o.scenario, "scenario", "start", "start: a synchronized fleet start; restart: a fleet holding connections through a server restart")
+	flag.IntVar(&o.fleet, "fleet", 1500, "workers, each with a pool of its own")
+	flag.IntVar(&o.conns, "conns", 1, "connections each worker needs")
+	flag.DurationVar(&o.deadline, "deadline", 30*time.Second, "each worker's deadline, from the fleet's start")
+	flag.Float64Var(&o.budget, "budget", 0, "new connections per second the server should absorb from the whole fleet (0: half the measured capacity)")
+	flag.StringVar(&o.chart, "chart", "stampede.svg", "SVG chart of the bystander's connect latency ('' for none)")
+	flag.Parse()
+	flag.Visit(func(f *flag.Flag) { o.fleetSet = o.fleetSet || f.Name == "fleet" })
+	if o.fleet < 1 || o.conns < 1 || o.deadline <= 0 || o.budget < 0 {
+		return fmt.Errorf("-fleet and -conns must be at least 1, -deadline positive and -budget not negative")
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	progress := isTerminal(os.Stderr)
+	out := os.Stdout
+
+	if o.url == "" {
+		fmt.Fprintf(out, "starting a throwaway PostgreSQL cluster (max_connections %d)...\n", o.fleet*o.conns+100)
+		c, err := testdb.Start(testdb.Options{Settings: map[string]string{
+			"max_connections": fmt.Sprint(o.fleet*o.conns + 100),
+			// The demo watches the postmaster, not the log.
+			"log_connections": "off",
+		}})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		o.url = c.ConnString("")
+	}
+
+	idle, err := measureIdle(ctx, o.url, 30)
+	if err != nil {
+		return err
+	}
+	capacity, err := measureCapacity(ctx, o.url, 32, 3*time.Second)
+	if err != nil {
+		return err
+	}
+	// The bystander connects every 25ms, or less often on a server so
+	// slow that it would take more than a tenth of its capacity.
+	o.bystander = max(25*time.Millisecond, time.Duration(float64(time.Second)/(capacity/10)))
+	byRate := float64(time.Second) / float64(o.bystander)
+	if o.budget == 0 {
+		o.budget = (capacity - byRate) / 2
+	}
+	fmt.Fprintf(out, "postmaster capacity %.0f connections/s, idle connect %v\n", capacity, idle.Round(10*time.Microsecond))
+	fmt.Fprintf(out, "bystander connects every %v; pgstagger budget %.0f connections/s (half of what the bystander leaves)\n",
+		o.bystander, o.budget)
+	if need := float64(o.fleet * o.conns); !o.fleetSet && need/o.budget > maxWindow.Seconds() {
+		o.fleet = max(1, int(o.budget*maxWindow.Seconds())/o.conns)
+		fmt.Fprintf(out, "this server is too slow for %.0f connections in %v at that budget: fleet scaled to %d workers (set -fleet to choose)\n",
+			need, maxWindow, o.fleet)
+	}
+	fmt.Fprintln(out)
+
+	switch o.scenario {
+	case "start":
+		return startScenario(ctx, out, o, idle, capacity, progress)
+	case "restart":
+		return restartScenario(ctx, out, o, idle, capacity, progress)
+	}
+	return fmt.Errorf("-scenario %q: want start or restart", o.scenario)
+}
+
+func startScenario(ctx context.Context, out io.Writer, o options, idle time.Duration, capacity float64, progress bool) error {
+	newBystander := func() *bystander {
+		return &bystander{url: o.url, interval: o.bystander, timeout: 60 * time.Second}
+	}
+	runs := []runConfig{
+		{name: "pgxpool", newPool: plainPool},
+		{name: "pgstagger", newPool: staggeredPool(pool.WithFleet(o.fleet, o.budget))},
+	}
+	var results []runResult
+	for i, rc := range runs {
+		if i > 0 {
+			// Start each run on a quiet server.
+			if err := waitQuiet(ctx, o.url, idle); err != nil {
+				return err
+			}
+		}
+		rc.url, rc.fleet, rc.conns, rc.deadline = o.url, o.fleet, o.conns, o.deadline
+		fmt.Fprintf(out, "%s: %d workers × %d connection(s) start at once...\n", rc.name, o.fleet, o.conns)
+		res, err := runFleet(ctx, rc, newBystander(), progress)
+		if err != nil {
+			return err
+		}
+		results = append(results, res)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	fmt.Fprintln(out)
+	report(out, o, idle, capacity, results)
+	if o.chart != "" {
+		if err := writeChart(o.chart, chartTitle(o, capacity), idle, results); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "\nchart of the bystander's connect latency: %s\n", o.chart)
+	}
+	return nil
+}
+
+func chartTitle(o options, capacity float64) string {
+	return fmt.Sprintf("%d workers × %d connection start; postmaster capacity %.0f/s, pgstagger budget %.0f/s",
+		o.fleet, o.conns, capacity, o.budget)
+}
+
+// report prints the side-by-side table.
+func report(out io.Writer, o options, idle time.Duration, capacity float64, rs []runResult) {
+	need := float64(o.fleet * o.conns)
+	limit := time.Duration(need / capacity * float64(time.Second))
+	planned := time.Duration(need / o.budget * float64(time.Second))
+	row := func(label string, cell func(r runResult) string) {
+		fmt.Fprintf(out, "%-36s", label)
+		for _, r := range rs {
+			fmt.Fprintf(out, " %22s", cell(r))
+		}
+		fmt.Fprintln(out)
+	}
+	row("", func(r runResult) string { return r.name })
+	row("failed workers", func(r runResult) string { return fmt.Sprintf("%d/%d", r.failed, r.fleet) })
+	row("all workers ready after", func(r runResult) string {
+		if r.failed > 0 {
+			return "never"
+		}
+		return sec(r.allReady)
+	})
+	row(fmt.Sprintf("  physical limit %.0f ÷ %.0f/s", need, capacity), func(runResult) string { return sec(limit) })
+	row(fmt.Sprintf("  budgeted %.0f ÷ %.0f/s", need, o.budget), func(r runResult) string {
+		if r.name == "pgstagger" {
+			return sec(planned)
+		}
+		return "-"
+	})
+	row("worker wait p50 / p99", func(r runResult) string {
+		return sec(percentile(r.waits, 50)) + " / " + sec(percentile(r.waits, 99))
+	})
+	row("bystander connect p50 / p99 / max", func(r runResult) string {
+		l := latencies(r.bystander)
+		return ms(percentile(l, 50)) + " / " + ms(percentile(l, 99)) + " / " + ms(percentile(l, 100))
+	})
+	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r runResult) string {
+		l := latencies(r.bystander)
+		return fmt.Sprintf("%.0f× / %.0f× / %.0f×", ratio(percentile(l, 50), idle), ratio(percentile(l, 99), idle), ratio(percentile(l, 100), idle))
+	})
+	row("bystander connects failed", func(r runResult) string {
+		n := 0
+		for _, s := range r.bystander {
+			if s.failed {
+				n++
+			}
+		}
+		return fmt.Sprintf("%d/%d", n, len(r.bystander))
+	})
+	row("server connections opened", func(r runResult) string { return fmt.Sprint(r.dials) })
+	for _, r := range rs {
+		if r.firstErr != "" {
+			fmt.Fprintf(out, "\n%s's first worker error: %s\n", r.name, oneLine(r.firstErr))
+		}
+	}
+}
+
+func sec(d time.Duration) string { return fmt.Sprintf("%.2fs", d.Seconds()) }
+
+func ms(d time.Duration) string {
+	if d < 10*time.Millisecond {
+		return fmt.Sprintf("%.1fms", float64(d)/float64(time.Millisecond))
+	}
+	return fmt.Sprintf("%.0fms", float64(d)/float64(time.Millisecond))
+}
+
+func ratio(a, b time.Duration) float64 {
+	if b == 0 {
+		return 0
+	}
+	return float64(a) / float64(b)
+}
+
+func oneLine(s string) string {
+	s = strings.ReplaceAll(s, "\n", " ")
+	if len(s) > 200 {
+		s = s[:200] + "..."
+	}
+	return s
+}
+
+// isTerminal reports whether f is a character device (a terminal).
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
