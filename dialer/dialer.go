@@ -303,7 +303,13 @@ func (d *Dialer) retry(ctx context.Context, attempt int, err error, op func(ctx 
 			}
 			return &GaveUpError{Attempts: attempt, Err: err, ctxErr: ctx.Err()}
 		}
+		last := err
 		err = op(withCaller(ctx, attempt+1))
+		if Classify(err) == Shed {
+			// The gate could not fit the next attempt before the
+			// deadline: what the caller needs is the last real failure.
+			return &GaveUpError{Attempts: attempt, Err: last, ctxErr: context.DeadlineExceeded}
+		}
 	}
 	return nil
 }

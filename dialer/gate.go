@@ -19,6 +19,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/time/rate"
 )
 
 // tracer is the Dialer's pgx.ConnectTracer: pgx calls TraceConnectStart
@@ -273,6 +274,23 @@ func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 	return refund, nil
 }
 
+// nextToken is when the bucket will next have a whole token.
+func (d *Dialer) nextToken(now time.Time) time.Time {
+	lim := d.limiter.Limit()
+	tokens := d.limiter.TokensAt(now)
+	if lim == rate.Inf || tokens >= 1 || lim <= 0 {
+		return now
+	}
+	return now.Add(time.Duration((1 - tokens) / float64(lim) * float64(time.Second)))
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
 // shed refuses e because a wait of need cannot end in the left before the
 // caller's deadline.
 func (d *Dialer) shed(e *establishment, kind waitKind, need, left time.Duration) error {
@@ -333,10 +351,13 @@ func (d *Dialer) end(e *establishment, err error) {
 			}
 			// A failing server is often failing for the whole fleet
 			// (a restart): spread this process's reconnects over the
-			// startup window, as at a fresh start, so that the
-			// fleet comes back at its budget and not all at once.
-			wait = max(wait, jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
-			d.until, d.failedAt = now.Add(wait), now
+			// startup window, as at a fresh start, so that the fleet
+			// comes back at its budget and not all at once. The
+			// spread starts when the bucket lets this process connect
+			// again: the whole fleet spent its tokens at the same
+			// moment, and would otherwise get them back together.
+			spread := d.nextToken(now).Add(jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
+			d.until, d.failedAt = maxTime(now.Add(wait), spread), now
 			d.failing.Store(true)
 		}
 		d.mu.Unlock()

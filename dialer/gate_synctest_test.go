@@ -422,6 +422,30 @@ func TestRecoveryIsSpreadOverTheStartupWindow(t *testing.T) {
 	})
 }
 
+func TestRecoverySpreadStartsWhenTheBucketRefills(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{err: errReset} // accepted and reset: the token was spent
+		d, err := New(WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
+			WithConnectRate(rate.Every(4*time.Second), 1), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		if err := d.Install(cfg); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails
+		_, _ = pgx.ConnectConfig(context.Background(), cfg)
+		// The token spent at 5s is back at 9s; the spread of 0.5 × 10s
+		// starts then: 14s, not 10s (when every process of a fleet
+		// whose tokens went at 5s would be waiting for 9s together).
+		if got := f.times[1].Sub(start); got != 14*time.Second {
+			t.Errorf("second dial at +%v, want +14s", got)
+		}
+	})
+}
+
 func TestCancelRequestsNeverWaitForTheBucket(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}

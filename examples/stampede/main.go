@@ -69,6 +69,7 @@ func run() error {
 	progress := isTerminal(os.Stderr)
 	out := os.Stdout
 
+	var cluster *testdb.Cluster
 	if o.url == "" {
 		fmt.Fprintf(out, "starting a throwaway PostgreSQL cluster (max_connections %d)...\n", o.fleet*o.conns+100)
 		c, err := testdb.Start(testdb.Options{Settings: map[string]string{
@@ -80,7 +81,7 @@ func run() error {
 			return err
 		}
 		defer c.Close()
-		o.url = c.ConnString("")
+		o.url, cluster = c.ConnString(""), c
 	}
 
 	idle, err := measureIdle(ctx, o.url, 30)
@@ -112,7 +113,7 @@ func run() error {
 	case "start":
 		return startScenario(ctx, out, o, idle, capacity, progress)
 	case "restart":
-		return restartScenario(ctx, out, o, idle, capacity, progress)
+		return restartScenario(ctx, out, o, cluster, idle, capacity, progress)
 	}
 	return fmt.Errorf("-scenario %q: want start or restart", o.scenario)
 }

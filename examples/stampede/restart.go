@@ -3,10 +3,272 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstagger/pgstagger/internal/testdb"
+	"github.com/pgstagger/pgstagger/pool"
 )
 
-func restartScenario(ctx context.Context, out io.Writer, o options, idle time.Duration, capacity float64, progress bool) error {
-	return errors.New("-scenario restart: not implemented yet")
+// restartResult is what one fleet did through a server restart. Times are
+// from the moment the restart began.
+type restartResult struct {
+	runResult
+	up        time.Duration   // server accepting again
+	recovered time.Duration   // every worker had a query succeed after up (0: not all did)
+	dialTimes []time.Duration // every dial the fleet made
+}
+
+func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cluster, idle time.Duration, capacity float64, progress bool) error {
+	if c == nil {
+		return errors.New("-scenario restart restarts the server: it needs the throwaway cluster, not -url")
+	}
+	runs := []runConfig{
+		{name: "pgxpool", newPool: plainPool},
+		{name: "pgstagger", newPool: staggeredPool(pool.WithFleet(o.fleet, o.budget))},
+	}
+	var results []restartResult
+	for i, rc := range runs {
+		if i > 0 {
+			if err := waitQuiet(ctx, o.url, idle); err != nil {
+				return err
+			}
+		}
+		rc.url, rc.fleet, rc.conns = o.url, o.fleet, o.conns
+		fmt.Fprintf(out, "%s: %d workers × %d connection(s) warm up, then the server restarts...\n", rc.name, o.fleet, o.conns)
+		res, err := runRestart(ctx, rc, c, &bystander{url: o.url, interval: o.bystander, timeout: 60 * time.Second}, progress)
+		if err != nil {
+			return err
+		}
+		results = append(results, res)
+	}
+	fmt.Fprintln(out)
+	row := func(label string, cell func(r restartResult) string) {
+		fmt.Fprintf(out, "%-36s", label)
+		for _, r := range results {
+			fmt.Fprintf(out, " %22s", cell(r))
+		}
+		fmt.Fprintln(out)
+	}
+	row("", func(r restartResult) string { return r.name })
+	row("server accepting again after", func(r restartResult) string { return sec(r.up) })
+	row("all workers recovered after", func(r restartResult) string {
+		if r.recovered == 0 {
+			return "not within 60s"
+		}
+		return sec(r.recovered)
+	})
+	row(fmt.Sprintf("  budgeted %d ÷ %.0f/s after up", o.fleet*o.conns, o.budget), func(r restartResult) string {
+		if r.name == "pgstagger" {
+			return sec(time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second)))
+		}
+		return "-"
+	})
+	row("peak reconnects in one second", func(r restartResult) string { return fmt.Sprint(peakPerSecond(r.dialTimes, r.up)) })
+	row("bystander connect p50 / p99 / max", func(r restartResult) string {
+		l := latencies(r.bystander)
+		return ms(percentile(l, 50)) + " / " + ms(percentile(l, 99)) + " / " + ms(percentile(l, 100))
+	})
+	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string {
+		l := latencies(r.bystander)
+		return fmt.Sprintf("%.0f× / %.0f× / %.0f×", ratio(percentile(l, 50), idle), ratio(percentile(l, 99), idle), ratio(percentile(l, 100), idle))
+	})
+	row("dials during recovery (refused ones too)", func(r restartResult) string { return fmt.Sprint(len(r.dialTimes)) })
+	fmt.Fprintln(out, "\ndials per second since the restart began (second:count):")
+	for _, r := range results {
+		h := map[int]int{}
+		last := 0
+		for _, t := range r.dialTimes {
+			h[int(t.Seconds())]++
+			last = max(last, int(t.Seconds()))
+		}
+		fmt.Fprintf(out, "  %-10s", r.name)
+		for sec := 0; sec <= last; sec++ {
+			if h[sec] > 0 {
+				fmt.Fprintf(out, " %d:%d", sec, h[sec])
+			}
+		}
+		fmt.Fprintln(out)
+	}
+	if o.chart != "" {
+		var rs []runResult
+		for _, r := range results {
+			rs = append(rs, r.runResult)
+		}
+		title := fmt.Sprintf("%d workers × %d connection, server restart at 0s; capacity %.0f/s, budget %.0f/s", o.fleet, o.conns, capacity, o.budget)
+		if err := writeChart(o.chart, title, idle, rs); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "\nchart of the bystander's connect latency: %s\n", o.chart)
+	}
+	return nil
+}
+
+// peakPerSecond is the most dials in any one-second window after up.
+func peakPerSecond(ts []time.Duration, up time.Duration) int {
+	var after []time.Duration
+	for _, t := range ts {
+		if t >= up {
+			after = append(after, t)
+		}
+	}
+	slices.Sort(after)
+	peak := 0
+	for i, j := 0, 0; j < len(after); j++ {
+		for after[j]-after[i] >= time.Second {
+			i++
+		}
+		peak = max(peak, j-i+1)
+	}
+	return peak
+}
+
+// runRestart warms a fleet up, restarts the server under it and watches it
+// recover. Each worker queries every 100ms with a 2s deadline.
+func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bystander, progress bool) (restartResult, error) {
+	base, err := pgxpool.ParseConfig(cfg.url)
+	if err != nil {
+		return restartResult{}, err
+	}
+	base.MaxConns, base.MinConns = int32(cfg.conns), int32(cfg.conns)
+	var (
+		mu        sync.Mutex
+		restartAt time.Time // zero until the restart begins
+		dialTimes []time.Duration
+		nd        net.Dialer
+	)
+	base.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		if !restartAt.IsZero() {
+			dialTimes = append(dialTimes, time.Since(restartAt))
+		}
+		mu.Unlock()
+		return nd.DialContext(ctx, network, addr)
+	}
+
+	lastOK := make([]atomic.Int64, cfg.fleet) // unix nanos of each worker's last success
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	pools := make([]workerPool, cfg.fleet)
+	for i := range cfg.fleet {
+		p, err := cfg.newPool(ctx, base.Copy())
+		if err != nil {
+			return restartResult{}, err
+		}
+		pools[i] = p
+		wg.Go(func() {
+			t := time.NewTicker(100 * time.Millisecond)
+			defer t.Stop()
+			for {
+				qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				if work(qctx, p, cfg.conns) == nil {
+					lastOK[i].Store(time.Now().UnixNano())
+				}
+				cancel()
+				select {
+				case <-stop:
+					return
+				case <-t.C:
+				}
+			}
+		})
+	}
+	defer func() {
+		close(stop)
+		wg.Wait()
+		for _, p := range pools {
+			p.Close()
+		}
+	}()
+	// Warm-up, not measured: wait until every worker has succeeded.
+	for !allSince(lastOK, time.Time{}) {
+		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
+			return restartResult{}, err
+		}
+	}
+
+	byCtx, stopBy := context.WithCancel(ctx)
+	defer stopBy()
+	byDone := make(chan struct{})
+	go func() { by.run(byCtx); close(byDone) }()
+	if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+		return restartResult{}, err
+	}
+	mu.Lock()
+	restartAt = time.Now()
+	mu.Unlock()
+	if err := c.Restart(); err != nil {
+		return restartResult{}, err
+	}
+	upAt := time.Now()
+	res := restartResult{runResult: runResult{name: cfg.name, fleet: cfg.fleet}, up: upAt.Sub(restartAt)}
+	deadline := upAt.Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if allSince(lastOK, upAt) {
+			latest := int64(0)
+			for i := range lastOK {
+				latest = max(latest, lastOK[i].Load())
+			}
+			res.recovered = time.Unix(0, latest).Sub(restartAt)
+			break
+		}
+		if progress {
+			n := 0
+			for i := range lastOK {
+				if lastOK[i].Load() >= upAt.UnixNano() {
+					n++
+				}
+			}
+			last, _ := by.last()
+			fmt.Fprintf(os.Stderr, "\r%-10s %5.1fs after the restart  recovered %5d/%d  bystander's last connect %8s ",
+				cfg.name, time.Since(restartAt).Seconds(), n, cfg.fleet, last.Round(time.Millisecond))
+		}
+		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
+			return res, err
+		}
+	}
+	if progress {
+		fmt.Fprintf(os.Stderr, "\r%100s\r", "")
+	}
+	if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+		return res, err
+	}
+	stopBy()
+	<-byDone
+	mu.Lock()
+	res.dialTimes = slices.Clone(dialTimes)
+	mu.Unlock()
+	offset := restartAt.Sub(by.start)
+	for _, s := range by.snapshot() {
+		s.at -= offset
+		res.bystander = append(res.bystander, s)
+	}
+	return res, nil
+}
+
+// allSince reports whether every worker succeeded after t.
+func allSince(lastOK []atomic.Int64, t time.Time) bool {
+	for i := range lastOK {
+		if v := lastOK[i].Load(); v == 0 || v < t.UnixNano() {
+			return false
+		}
+	}
+	return true
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
 }
