@@ -122,10 +122,7 @@ func startScenario(ctx context.Context, out io.Writer, o options, idle time.Dura
 	newBystander := func() *bystander {
 		return &bystander{url: o.url, interval: o.bystander, timeout: 60 * time.Second}
 	}
-	runs := []runConfig{
-		{name: "pgxpool", newPool: plainPool},
-		{name: "pgstagger", newPool: staggeredPool(pool.WithFleet(o.fleet, o.budget))},
-	}
+	runs := bothRuns(o)
 	var results []runResult
 	for i, rc := range runs {
 		if i > 0 {
@@ -191,14 +188,8 @@ func report(out io.Writer, o options, idle time.Duration, capacity float64, rs [
 	row("worker wait p50 / p99", func(r runResult) string {
 		return sec(percentile(r.waits, 50)) + " / " + sec(percentile(r.waits, 99))
 	})
-	row("bystander connect p50 / p99 / max", func(r runResult) string {
-		l := latencies(r.bystander)
-		return ms(percentile(l, 50)) + " / " + ms(percentile(l, 99)) + " / " + ms(percentile(l, 100))
-	})
-	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r runResult) string {
-		l := latencies(r.bystander)
-		return fmt.Sprintf("%.0f× / %.0f× / %.0f×", ratio(percentile(l, 50), idle), ratio(percentile(l, 99), idle), ratio(percentile(l, 100), idle))
-	})
+	row("bystander connect p50 / p99 / max", func(r runResult) string { return bystanderLatency(r.bystander) })
+	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r runResult) string { return bystanderTimesIdle(r.bystander, idle) })
 	row("bystander connects failed", func(r runResult) string {
 		n := 0
 		for _, s := range r.bystander {
@@ -214,6 +205,27 @@ func report(out io.Writer, o options, idle time.Duration, capacity float64, rs [
 			fmt.Fprintf(out, "\n%s's first worker error: %s\n", r.name, oneLine(r.firstErr))
 		}
 	}
+}
+
+// bothRuns is the fleet run twice: plain pgxpool, and pgstagger budgeted
+// for the fleet.
+func bothRuns(o options) []runConfig {
+	return []runConfig{
+		{name: "pgxpool", newPool: plainPool},
+		{name: "pgstagger", newPool: staggeredPool(pool.WithFleet(o.fleet, o.budget))},
+	}
+}
+
+// bystanderLatency is the p50 / p99 / max of the bystander's connects.
+func bystanderLatency(ss []sample) string {
+	l := latencies(ss)
+	return ms(percentile(l, 50)) + " / " + ms(percentile(l, 99)) + " / " + ms(percentile(l, 100))
+}
+
+// bystanderTimesIdle is bystanderLatency in multiples of an idle connect.
+func bystanderTimesIdle(ss []sample, idle time.Duration) string {
+	l := latencies(ss)
+	return fmt.Sprintf("%.0f× / %.0f× / %.0f×", ratio(percentile(l, 50), idle), ratio(percentile(l, 99), idle), ratio(percentile(l, 100), idle))
 }
 
 func sec(d time.Duration) string { return fmt.Sprintf("%.2fs", d.Seconds()) }

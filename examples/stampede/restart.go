@@ -15,7 +15,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstagger/pgstagger/internal/testdb"
-	"github.com/pgstagger/pgstagger/pool"
 )
 
 // restartResult is what one fleet did through a server restart. Times are
@@ -31,10 +30,7 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 	if c == nil {
 		return errors.New("-scenario restart restarts the server: it needs the throwaway cluster, not -url")
 	}
-	runs := []runConfig{
-		{name: "pgxpool", newPool: plainPool},
-		{name: "pgstagger", newPool: staggeredPool(pool.WithFleet(o.fleet, o.budget))},
-	}
+	runs := bothRuns(o)
 	var results []restartResult
 	for i, rc := range runs {
 		if i > 0 {
@@ -73,14 +69,8 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		return "-"
 	})
 	row("peak reconnects in one second", func(r restartResult) string { return fmt.Sprint(peakPerSecond(r.dialTimes, r.up)) })
-	row("bystander connect p50 / p99 / max", func(r restartResult) string {
-		l := latencies(r.bystander)
-		return ms(percentile(l, 50)) + " / " + ms(percentile(l, 99)) + " / " + ms(percentile(l, 100))
-	})
-	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string {
-		l := latencies(r.bystander)
-		return fmt.Sprintf("%.0f× / %.0f× / %.0f×", ratio(percentile(l, 50), idle), ratio(percentile(l, 99), idle), ratio(percentile(l, 100), idle))
-	})
+	row("bystander connect p50 / p99 / max", func(r restartResult) string { return bystanderLatency(r.bystander) })
+	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string { return bystanderTimesIdle(r.bystander, idle) })
 	row("dials during recovery (refused ones too)", func(r restartResult) string { return fmt.Sprint(len(r.dialTimes)) })
 	fmt.Fprintln(out, "\ndials per second since the restart began (second:count):")
 	for _, r := range results {
