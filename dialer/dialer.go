@@ -249,9 +249,11 @@ func ParseConfig(connString string) (*pgx.ConnConfig, error) {
 // established connection are returned at once, never retried. Between
 // attempts it waits the backoff policy's delay; a delay that cannot end
 // before ctx's deadline ends the loop at once with a [*GaveUpError]
-// matching context.DeadlineExceeded, as does backoff.Stop (without it). The
-// ctx passed to op marks the attempt so the gate knows it belongs to a retry
-// loop, which waits its own backoff rather than the Dialer's shared one.
+// matching context.DeadlineExceeded, as does backoff.Stop (without it), and
+// so does an attempt the gate sheds, wrapping the last real failure. Each
+// attempt also waits for the Dialer's recovery delay after failures (see
+// the package documentation). The ctx passed to op marks the attempt's
+// number, which spans and logs report.
 func (d *Dialer) Retry(ctx context.Context, op func(ctx context.Context) error) error {
 	return d.retry(ctx, 1, op(withCaller(ctx, 1)), op)
 }
