@@ -41,7 +41,7 @@ type shedError struct {
 }
 
 func (e *shedError) Error() string {
-	if e.need > 0 {
+	if e.need > 0 && e.left > 0 {
 		return fmt.Sprintf("%v: %s wait of %v exceeds the %v left before the caller's deadline",
 			ErrShed, e.wait, e.need.Round(time.Microsecond), e.left.Round(time.Microsecond))
 	}

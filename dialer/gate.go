@@ -209,7 +209,7 @@ func (d *Dialer) waitUntil(e *establishment, t time.Time, kind waitKind) error {
 		return nil
 	}
 	if dl, ok := e.wait.Deadline(); ok && dl.Before(t) {
-		return d.shed(e, kind, wait, time.Until(dl))
+		return d.shed(kind, wait, time.Until(dl))
 	}
 	start := time.Now()
 	err := d.sleep(e.wait, wait)
@@ -263,7 +263,7 @@ func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 	}
 	if dl, ok := e.wait.Deadline(); ok && dl.Before(act) {
 		r.CancelAt(now)
-		return nil, d.shed(e, waitRate, wait, dl.Sub(now))
+		return nil, d.shed(waitRate, wait, dl.Sub(now))
 	}
 	err = d.sleep(e.wait, wait)
 	d.emitWait(e.ctx, waitRate, now, time.Now())
@@ -291,9 +291,10 @@ func maxTime(a, b time.Time) time.Time {
 	return b
 }
 
-// shed refuses e because a wait of need cannot end in the left before the
-// caller's deadline.
-func (d *Dialer) shed(e *establishment, kind waitKind, need, left time.Duration) error {
+// shed refuses an establishment because a wait of kind, lasting need, cannot
+// end in the time left before the caller's deadline (left and need are 0
+// when unknown).
+func (d *Dialer) shed(kind waitKind, need, left time.Duration) error {
 	d.stats.shed.Add(1)
 	return &shedError{wait: waitNames[kind], need: need, left: left}
 }
@@ -307,8 +308,7 @@ func (d *Dialer) waitError(e *establishment, kind waitKind, need time.Duration) 
 		return cause
 	}
 	if errors.Is(e.wait.Err(), context.DeadlineExceeded) {
-		d.stats.shed.Add(1)
-		return &shedError{wait: waitNames[kind], need: need}
+		return d.shed(kind, need, 0)
 	}
 	return e.wait.Err()
 }

@@ -242,7 +242,7 @@ func TestShedBeforeTouchingServer(t *testing.T) {
 	}
 }
 
-func TestRecoveryBackoffOutsideRetryLoops(t *testing.T) {
+func TestRecoveryBackoffBeforeTheNextConnect(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}
 		d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithBackOff(func() backoff.BackOff {
