@@ -74,6 +74,11 @@ type establishment struct {
 	prepaid  atomic.Pointer[func()] // refund of the token admit took for the first dial
 	ended    atomic.Bool
 
+	// netStart is when pgconn first touched the network (its first lookup
+	// or dial), in unix nanoseconds: the time from admitted to it is pgx
+	// preparing the connect.
+	netStart atomic.Int64
+
 	mu    sync.Mutex    // guards dials
 	dials []*dialRecord // in order
 }
@@ -378,6 +383,12 @@ func (d *Dialer) report(e *establishment, err error, class Class, now time.Time)
 	dials := e.dials
 	e.mu.Unlock()
 	recording := e.span.IsRecording()
+	if ns := e.netStart.Load(); recording && ns != 0 && e.refused == nil {
+		// pgx's own work before the network: building the connection's
+		// type map, checking the configuration.
+		_, s := t.tracer.Start(ctx, spanSetup, trace.WithTimestamp(e.admitted))
+		s.End(trace.WithTimestamp(nanos(ns)))
+	}
 	for _, r := range dials {
 		t.emitDial(ctx, r, now, recording)
 	}
@@ -440,6 +451,7 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 		if context.Cause(e.ctx) == ErrClosed {
 			return nil, ErrClosed
 		}
+		e.netStart.CompareAndSwap(0, time.Now().UnixNano())
 		var refund func()
 		if p := e.prepaid.Swap(nil); p != nil {
 			refund = *p
@@ -491,6 +503,9 @@ func afterNetConnect(next func(context.Context, *pgconn.Config, net.Conn) (net.C
 // lookupFunc wraps next with a span when the establishment is traced.
 func (d *Dialer) lookupFunc(next pgconn.LookupFunc) pgconn.LookupFunc {
 	return func(ctx context.Context, host string) ([]string, error) {
+		if e, _ := ctx.Value(establishmentKey{}).(*establishment); e != nil {
+			e.netStart.CompareAndSwap(0, time.Now().UnixNano())
+		}
 		if !trace.SpanFromContext(ctx).IsRecording() {
 			return next(ctx, host)
 		}

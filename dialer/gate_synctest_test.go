@@ -72,7 +72,7 @@ func noRetry() backoff.BackOff { return &backoff.StopBackOff{} }
 
 func TestBucketSpacesDialsExactly(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := &fakeDials{err: errReset}
+		f := &fakeDials{err: errPermanent} // leaves no recovery state: only the bucket spaces dials
 		d, err := New(WithStartupJitter(0), WithConnectRate(10, 1), WithMaxConnecting(50), WithBackOff(noRetry))
 		if err != nil {
 			t.Fatal(err)
@@ -101,8 +101,8 @@ func TestBucketSpacesDialsExactly(t *testing.T) {
 				t.Errorf("no dial at +%v; dials at %v", at, seen)
 			}
 		}
-		if s := d.Stats(); s.RateWait.Count != 7 || s.Dials != 8 || s.Transient != 8 {
-			t.Errorf("stats = %+v, want 7 rate waits, 8 dials, 8 transient failures", s)
+		if s := d.Stats(); s.RateWait.Count != 7 || s.Dials != 8 || s.Permanent != 8 {
+			t.Errorf("stats = %+v, want 7 rate waits, 8 dials, 8 failures", s)
 		}
 	})
 }

@@ -64,6 +64,7 @@ const (
 	spanTLS       = "pgstagger.tls_handshake"
 	spanStartup   = "pgstagger.startup"
 	spanLookup    = "pgstagger.lookup"
+	spanSetup     = "pgstagger.client_setup"
 	spanWaitPrefx = "pgstagger.wait."
 )
 

@@ -183,7 +183,7 @@ func TestConnectSpanTree(t *testing.T) {
 	kids := childrenOf(spans, cs)
 	got := spanNames(kids)
 	// pgconn resolves the host once per fallback: prefer lists it twice.
-	wantOrder := []string{"pgstagger.wait.startup_jitter", "pgstagger.wait.rate_limit", spanLookup, spanLookup,
+	wantOrder := []string{"pgstagger.wait.startup_jitter", "pgstagger.wait.rate_limit", spanSetup, spanLookup, spanLookup,
 		spanDial, spanTLS, "pgstagger.wait.rate_limit", spanDial, spanStartup}
 	if !slices.Equal(got, wantOrder) {
 		t.Errorf("children = %v\nwant      %v", got, wantOrder)
@@ -380,7 +380,7 @@ func TestTLSHandshakeSpan(t *testing.T) {
 	spans := env.spans.Ended()
 	cs := named(spans, spanConnect)[0]
 	kids := childrenOf(spans, cs)
-	if got, want := spanNames(kids), []string{spanLookup, spanDial, spanTLS, spanStartup}; !slices.Equal(got, want) {
+	if got, want := spanNames(kids), []string{spanSetup, spanLookup, spanDial, spanTLS, spanStartup}; !slices.Equal(got, want) {
 		t.Errorf("children = %v, want %v", got, want)
 	}
 	if cov := coverage(cs, kids); cov < 0.95 {
