@@ -41,6 +41,10 @@ type Dialer struct {
 
 	inflight atomic.Int32 // establishments between begin and end
 
+	// connectTime is a moving average of how long successful
+	// establishments took once admitted, in nanoseconds (0: none yet).
+	connectTime atomic.Int64
+
 	closeCtx context.Context // done once Close is called, with cause ErrClosed
 	closeFn  context.CancelCauseFunc
 

@@ -13,22 +13,31 @@
 //     per connection the server forks for: multi-host fallbacks and
 //     sslmode=prefer's second dial take a token each ([WithConnectRate],
 //     [WithLimiter]). CancelRequest connections are charged but never wait,
-//     so a cancel is never starved;
+//     so a cancel is never starved. The CancelRequest pgx sends for process
+//     ID 0 whenever a connect fails before the server named its backend
+//     cancels nothing: it is answered without a connection;
 //   - at most n establishments in flight ([WithMaxConnecting]);
 //   - retries of transient failures with backoff and full jitter
 //     (github.com/cenkalti/backoff/v4, [WithBackOff]), and a shared recovery
 //     delay after a failure: every later establishment of the process waits
 //     the longer of the backoff and a fresh draw over the startup window, so
 //     a fleet that loses its server together comes back spread out, as at
-//     a fresh start. A dial refused at the TCP level gives its token back;
-//     the server forked nothing for it;
+//     a fresh start. The draw counts from when the bucket next holds a
+//     token, so that buckets emptied together do not release the fleet
+//     together. A dial refused at the TCP level, or reset or closed before
+//     the server sent a byte (a postmaster exiting drops the connections it
+//     has not accepted), gives its token back: the server forked nothing
+//     for it;
 //   - a fleet budget that derives the window and the rate from the fleet's
 //     size and what the server should absorb ([WithFleet]).
 //
 // Every wait is bounded by the caller's context. A wait whose end is known
-// (startup delay, bucket, backoff) and falls after the caller's deadline is
-// not waited at all: the caller gets an error matching [ErrShed] and
-// context.DeadlineExceeded at once, and the server is not touched.
+// (startup delay, bucket, backoff) and leaves the caller less than twice the
+// time connects have been taking (a moving average of this Dialer's
+// successful ones) is not waited at all: the caller gets an error matching
+// [ErrShed] and context.DeadlineExceeded at once, and the server is not
+// touched. A connection that reached its caller too late to be used would
+// be closed by pgx with its query, wasting the fork.
 //
 // # Using it
 //

@@ -35,12 +35,17 @@ var (
 // shedError is returned for a shed connect: it matches ErrShed and
 // context.DeadlineExceeded and says which wait did not fit.
 type shedError struct {
-	wait string        // "startup jitter", "rate limit", ...
-	need time.Duration // how long the wait would have been (0 if unknown)
-	left time.Duration // time left before the caller's deadline
+	wait    string        // "startup jitter", "rate limit", ...
+	need    time.Duration // how long the wait would have been (0 if unknown)
+	left    time.Duration // time left before the caller's deadline
+	connect time.Duration // time the connect itself was expected to need after the wait
 }
 
 func (e *shedError) Error() string {
+	if e.need > 0 && e.left > 0 && e.need < e.left {
+		return fmt.Sprintf("%v: %s wait of %v would leave less than the %v a connect needs of the %v before the caller's deadline",
+			ErrShed, e.wait, e.need.Round(time.Microsecond), e.connect.Round(time.Microsecond), e.left.Round(time.Microsecond))
+	}
 	if e.need > 0 && e.left > 0 {
 		return fmt.Sprintf("%v: %s wait of %v exceeds the %v left before the caller's deadline",
 			ErrShed, e.wait, e.need.Round(time.Microsecond), e.left.Round(time.Microsecond))

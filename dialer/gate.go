@@ -54,11 +54,7 @@ type establishment struct {
 	admitted time.Time // end of the gate's waits: the server is touched after this
 	reason   string
 	attempt  int
-	// span is the connect span; traced tells whether its dials are
-	// wrapped to time their phases (tracing or the response-time metric
-	// is on).
-	span   trace.Span
-	traced bool
+	span     trace.Span // the connect span
 	// ctx is handed to pgconn: it carries the connect span and ends when
 	// the Dialer closes or the connect's own context ends, not when the
 	// caller leaves (the connection then goes to the pool, as in pgxpool).
@@ -123,7 +119,6 @@ func (d *Dialer) begin(ctx context.Context) *establishment {
 	}
 	spanCtx, span := d.tel.tracer.Start(ctx, spanConnect, opts...)
 	e.span = span
-	e.traced = span.IsRecording() || d.tel.responseTime.Enabled(ctx)
 
 	e.ctx, e.cancel = context.WithCancelCause(spanCtx)
 	e.stop = context.AfterFunc(d.closeCtx, func() { e.cancel(ErrClosed) })
@@ -195,6 +190,19 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 	if err := d.waitUntil(e, until, waitBackoff); err != nil {
 		return err
 	}
+	if d.failing.Load() {
+		// The bucket may still be empty after the recovery delay
+		// (CancelRequests borrowed from it since the failure). A fleet
+		// that failed together borrowed together, and its buckets
+		// refill together: spread from the refill, as from the failure.
+		now := time.Now()
+		if next := d.nextToken(now); next.After(now) {
+			spread := next.Add(jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
+			if err := d.waitUntil(e, spread, waitBackoff); err != nil {
+				return err
+			}
+		}
+	}
 	if err := d.takeSlot(e); err != nil {
 		return err
 	}
@@ -213,8 +221,8 @@ func (d *Dialer) waitUntil(e *establishment, t time.Time, kind waitKind) error {
 	if wait <= 0 {
 		return nil
 	}
-	if dl, ok := e.wait.Deadline(); ok && dl.Before(t) {
-		return d.shed(kind, wait, time.Until(dl))
+	if err := d.fits(e, kind, wait, t); err != nil {
+		return err
 	}
 	start := time.Now()
 	err := d.sleep(e.wait, wait)
@@ -266,9 +274,9 @@ func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 	if wait == 0 {
 		return refund, nil
 	}
-	if dl, ok := e.wait.Deadline(); ok && dl.Before(act) {
+	if err := d.fits(e, waitRate, wait, act); err != nil {
 		r.CancelAt(now)
-		return nil, d.shed(waitRate, wait, dl.Sub(now))
+		return nil, err
 	}
 	err = d.sleep(e.wait, wait)
 	d.emitWait(e.ctx, waitRate, now, time.Now())
@@ -277,6 +285,37 @@ func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 		return nil, d.waitError(e, waitRate, wait)
 	}
 	return refund, nil
+}
+
+// fits sheds a wait of kind, lasting need and ending at t, that would leave
+// the caller less than twice the time connects have been taking: such a
+// connection would reach the caller too late to be used, and pgx closes a
+// connection whose query outlives its context, wasting the fork.
+func (d *Dialer) fits(e *establishment, kind waitKind, need time.Duration, t time.Time) error {
+	dl, ok := e.wait.Deadline()
+	if !ok {
+		return nil
+	}
+	margin := 2 * time.Duration(d.connectTime.Load())
+	if dl.Before(t.Add(margin)) {
+		return d.shed(kind, need, time.Until(dl), margin)
+	}
+	return nil
+}
+
+// learnConnectTime folds a successful establishment's time into the moving
+// average fits uses.
+func (d *Dialer) learnConnectTime(took time.Duration) {
+	for {
+		old := d.connectTime.Load()
+		v := int64(took)
+		if old != 0 {
+			v = old + (v-old)/4
+		}
+		if d.connectTime.CompareAndSwap(old, v) {
+			return
+		}
+	}
 }
 
 // nextToken is when the bucket will next have a whole token.
@@ -296,12 +335,12 @@ func maxTime(a, b time.Time) time.Time {
 	return b
 }
 
-// shed refuses an establishment because a wait of kind, lasting need, cannot
-// end in the time left before the caller's deadline (left and need are 0
-// when unknown).
-func (d *Dialer) shed(kind waitKind, need, left time.Duration) error {
+// shed refuses an establishment because a wait of kind, lasting need, and
+// then a connect expected to take connect cannot end in the time left
+// before the caller's deadline (left and need are 0 when unknown).
+func (d *Dialer) shed(kind waitKind, need, left, connect time.Duration) error {
 	d.stats.shed.Add(1)
-	return &shedError{wait: waitNames[kind], need: need, left: left}
+	return &shedError{wait: waitNames[kind], need: need, left: left, connect: connect}
 }
 
 // waitError explains why e.wait ended during a wait.
@@ -313,7 +352,7 @@ func (d *Dialer) waitError(e *establishment, kind waitKind, need time.Duration) 
 		return cause
 	}
 	if errors.Is(e.wait.Err(), context.DeadlineExceeded) {
-		return d.shed(kind, need, 0)
+		return d.shed(kind, need, 0, 0)
 	}
 	return e.wait.Err()
 }
@@ -331,10 +370,21 @@ func (d *Dialer) end(e *establishment, err error) {
 	e.waitStop()
 	d.inflight.Add(-1)
 
+	// Give back the tokens of dials the server never answered (see
+	// dialFunc) before the recovery delay is counted from the bucket.
+	e.mu.Lock()
+	for _, r := range e.dials {
+		if r.conn != nil && r.conn.dropped() {
+			r.giveBack(d)
+		}
+	}
+	e.mu.Unlock()
+
 	class := Classify(err)
 	switch class {
 	case OK:
 		d.stats.ok.Add(1)
+		d.learnConnectTime(now.Sub(e.admitted))
 		d.mu.Lock()
 		if !d.until.IsZero() {
 			d.recovery.Reset()
@@ -434,16 +484,16 @@ func (d *Dialer) logAttrs(e *establishment, class Class, err error) []slog.Attr 
 
 // dialFunc wraps next so that every TCP connection of an establishment takes
 // a token: the first was taken by admit, further ones (sslmode=prefer's
-// plain-text redial, multi-host fallbacks) are taken here. Dials outside an
-// establishment are CancelRequests: they are charged to the bucket but never
-// wait for it, so a cancel is never starved.
+// plain-text redial, multi-host fallbacks) are taken here. A dial's token is
+// given back when the server forked nothing for it: the dial was refused,
+// or the connection was reset or closed before the server sent a byte (a
+// postmaster exiting drops the connections it had not accepted yet). Dials
+// outside an establishment are CancelRequests: see [cancelConn].
 func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		e, _ := ctx.Value(establishmentKey{}).(*establishment)
 		if e == nil || e.ended.Load() {
-			d.stats.cancelDials.Add(1)
-			d.limiter.ReserveN(time.Now(), 1)
-			return next(ctx, network, addr)
+			return &cancelConn{d: d, ctx: ctx, next: next, network: network, addr: addr}, nil
 		}
 		if e.refused != nil {
 			return nil, e.refused
@@ -462,15 +512,11 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 			}
 		}
 		d.stats.dials.Add(1)
-		r := &dialRecord{network: network, addr: addr, start: time.Now()}
+		r := &dialRecord{network: network, addr: addr, start: time.Now(), refund: refund}
 		conn, err := next(ctx, network, addr)
 		if errors.Is(err, syscall.ECONNREFUSED) {
 			// Nothing listened: the server forked nothing for it.
-			refund()
-			d.stats.refunds.Add(1)
-		}
-		if !e.traced {
-			return conn, err
+			r.giveBack(d)
 		}
 		r.end, r.err = time.Now(), err
 		if conn != nil {
@@ -488,7 +534,7 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 // establishment's current connection, then runs next.
 func afterNetConnect(next func(context.Context, *pgconn.Config, net.Conn) (net.Conn, error)) func(context.Context, *pgconn.Config, net.Conn) (net.Conn, error) {
 	return func(ctx context.Context, cfg *pgconn.Config, conn net.Conn) (net.Conn, error) {
-		if e, _ := ctx.Value(establishmentKey{}).(*establishment); e != nil && e.traced {
+		if e, _ := ctx.Value(establishmentKey{}).(*establishment); e != nil {
 			if c := e.current(); c != nil {
 				c.netConnected.CompareAndSwap(0, time.Now().UnixNano())
 			}

@@ -2,10 +2,13 @@ package dialer
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -29,6 +32,9 @@ type fakeDials struct {
 	times []time.Time
 	block bool
 	err   error
+	// serve, when set, answers each dial with a connection whose other
+	// end it runs on a goroutine of its own.
+	serve func(server net.Conn)
 }
 
 // Failures a fake dial can answer with besides refused.
@@ -40,16 +46,31 @@ var (
 func (f *fakeDials) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	f.mu.Lock()
 	f.times = append(f.times, time.Now())
-	block := f.block
+	block, dialErr, serve := f.block, f.err, f.serve
 	f.mu.Unlock()
 	if block {
 		<-ctx.Done()
 		return nil, ctx.Err()
 	}
-	if f.err != nil {
-		return nil, f.err
+	if dialErr != nil {
+		return nil, dialErr
+	}
+	if serve != nil {
+		client, server := net.Pipe()
+		go func() {
+			defer server.Close()
+			serve(server)
+		}()
+		return client, nil
 	}
 	return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+}
+
+// set changes how later dials are answered.
+func (f *fakeDials) set(err error, serve func(net.Conn)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.err, f.serve = err, serve
 }
 
 func (f *fakeDials) count() int {
@@ -446,9 +467,17 @@ func TestRecoverySpreadStartsWhenTheBucketRefills(t *testing.T) {
 	})
 }
 
+// cancelRequest is the CancelRequest message for process pid, secret key 7.
+func cancelRequest(pid uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte{0, 0, 0, 16, 4, 210, 22, 46}, pid)[:12:12]
+}
+
+// drain reads what the client sends until it closes.
+func drain(server net.Conn) { _, _ = io.Copy(io.Discard, server) }
+
 func TestCancelRequestsNeverWaitForTheBucket(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := &fakeDials{}
+		f := &fakeDials{serve: drain}
 		lim := rate.NewLimiter(1, 1)
 		d, err := New(WithLimiter(lim))
 		if err != nil {
@@ -461,16 +490,113 @@ func TestCancelRequestsNeverWaitForTheBucket(t *testing.T) {
 		lim.Allow() // the bucket is empty
 		// A dial outside any establishment is a CancelRequest.
 		start := time.Now()
-		_, _ = cfg.DialFunc(context.Background(), "tcp", "127.0.0.1:5432")
+		conn, err := cfg.DialFunc(context.Background(), "tcp", "127.0.0.1:5432")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		msg := append(cancelRequest(42), 0, 0, 0, 7)
+		if _, err := conn.Write(msg); err != nil {
+			t.Fatal(err)
+		}
 		if got := time.Since(start); got != 0 {
 			t.Errorf("cancel dial waited %v", got)
 		}
-		if s := d.Stats(); s.CancelDials != 1 {
-			t.Errorf("cancel dials = %d, want 1", s.CancelDials)
+		if s := d.Stats(); s.CancelDials != 1 || f.count() != 1 {
+			t.Errorf("cancel dials = %d (server saw %d), want 1", s.CancelDials, f.count())
 		}
 		// It was charged: the bucket is a token further in debt.
 		if tokens := lim.Tokens(); tokens > -0.99 {
 			t.Errorf("bucket holds %.2f tokens, want about -1 after charging the cancel", tokens)
+		}
+	})
+}
+
+func TestConnectDroppedUnansweredCostsNothing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// A server that takes the startup message and closes without a
+		// word, as a postmaster exiting drops the connections it has not
+		// accepted yet. pgx then closes its half-made connection, which
+		// sends a CancelRequest for process ID 0.
+		f := &fakeDials{serve: func(server net.Conn) {
+			_, _ = server.Read(make([]byte, 1024))
+		}}
+		lim := rate.NewLimiter(rate.Every(time.Hour), 1)
+		d, err := New(WithStartupJitter(0), WithLimiter(lim), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		if _, err := d.Connect(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("connect: %v, want a transient failure", err)
+		}
+		synctest.Wait() // pgx's close runs on a goroutine of its own
+		if n := f.count(); n != 1 {
+			t.Errorf("server saw %d connections, want 1: the CancelRequest for process 0 must not be dialed", n)
+		}
+		s := d.Stats()
+		if s.CancelsSkipped != 1 || s.CancelDials != 0 {
+			t.Errorf("cancels skipped = %d, dialed = %d; want 1, 0", s.CancelsSkipped, s.CancelDials)
+		}
+		if s.Refunds != 1 {
+			t.Errorf("refunds = %d, want 1", s.Refunds)
+		}
+		if tokens := lim.Tokens(); tokens < 0.99 {
+			t.Errorf("bucket holds %.2f tokens, want the hour-long token back", tokens)
+		}
+
+		// A server that answered before closing forked a backend: the
+		// token stays spent.
+		f.set(nil, func(server net.Conn) {
+			_, _ = server.Read(make([]byte, 1024))
+			_, _ = server.Write([]byte{'R'})
+		})
+		if _, err := d.Connect(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("connect: %v, want a transient failure", err)
+		}
+		synctest.Wait()
+		if s := d.Stats(); s.Refunds != 1 {
+			t.Errorf("refunds = %d after an answered connection, want still 1", s.Refunds)
+		}
+		if tokens := lim.Tokens(); tokens > 0.01 {
+			t.Errorf("bucket holds %.2f tokens, want the token spent", tokens)
+		}
+	})
+}
+
+func TestRecoverySpreadsAgainWhenTheBucketIsStillEmpty(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{err: errReset} // the token is spent
+		d, err := New(WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
+			WithConnectRate(rate.Every(4*time.Second), 1), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		if err := d.Install(cfg); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails: recovery at 9s + 5s
+		// At 12s a CancelRequest borrows the token that came back at 9s:
+		// the next one is due at 16s.
+		time.Sleep(12*time.Second - time.Since(start))
+		f.set(nil, drain)
+		conn, err := cfg.DialFunc(context.Background(), "tcp", "127.0.0.1:5432")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Write(append(cancelRequest(42), 0, 0, 0, 7)); err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+		f.set(errReset, nil)
+		// The recovery delay ends at 14s with the bucket empty until
+		// 16s: a fresh spread of 0.5 × 10s from then, 21s (not 16s, when
+		// a fleet that borrowed together would connect together).
+		_, _ = pgx.ConnectConfig(context.Background(), cfg)
+		if got := f.times[len(f.times)-1].Sub(start); got != 21*time.Second {
+			t.Errorf("dial at +%v, want +21s", got)
 		}
 	})
 }
@@ -508,6 +634,47 @@ func TestBucketWaitDoesNotEatTheConnectTimeout(t *testing.T) {
 		}
 		if dialErr != nil {
 			t.Errorf("the dial's context had already ended (%v): the bucket wait used up connect_timeout", dialErr)
+		}
+	})
+}
+
+func TestWaitThatLeavesNoTimeToConnectIsShed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		d, err := New(WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := fakeConfig(t, f)
+		// Connects have been taking 40ms, then 80ms: 50ms on average.
+		d.learnConnectTime(40 * time.Millisecond)
+		d.learnConnectTime(80 * time.Millisecond)
+		if got := time.Duration(d.connectTime.Load()); got != 50*time.Millisecond {
+			t.Fatalf("average connect time %v, want 50ms", got)
+		}
+		// The startup delay ends at 5s. A caller with 5.09s left would
+		// have 90ms to connect and use the connection: less than twice
+		// the 50ms connects take, so it is answered now.
+		ctx, cancel := context.WithTimeout(context.Background(), 5090*time.Millisecond)
+		defer cancel()
+		_, err = d.Connect(ctx, cfg)
+		if !errors.Is(err, ErrShed) || !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("connect with 90ms to spare: %v, want shed", err)
+		}
+		if want := "would leave less than the 100ms a connect needs of the 5.09s before the caller's deadline"; !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+		if f.count() != 0 {
+			t.Errorf("the server saw %d dials, want none", f.count())
+		}
+		// With 110ms to spare it waits and dials.
+		ctx, cancel = context.WithTimeout(context.Background(), 5110*time.Millisecond)
+		defer cancel()
+		if _, err := d.Connect(ctx, cfg); errors.Is(err, ErrShed) {
+			t.Fatalf("connect with 110ms to spare: %v, want a dial", err)
+		}
+		if f.count() != 1 {
+			t.Errorf("the server saw %d dials, want 1", f.count())
 		}
 	})
 }

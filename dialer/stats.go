@@ -15,8 +15,9 @@ type Stats struct {
 	Shed           int64 // waits refused because the caller's deadline came first
 	Retries        int64 // retry-loop attempts after the first
 	Dials          int64 // TCP connections attempted for establishments
-	Refunds        int64 // ... refused by the server's host: their tokens were given back
+	Refunds        int64 // ... and CancelRequests the server forked nothing for (refused, or dropped unanswered): their tokens were given back
 	CancelDials    int64 // TCP connections opened for CancelRequests
+	CancelsSkipped int64 // CancelRequests for process ID 0 (pgx sends one when a connect fails), answered without a connection
 
 	JitterWait  WaitStats // startup jitter
 	RateWait    WaitStats // token bucket
@@ -44,6 +45,7 @@ func (d *Dialer) Stats() Stats {
 		Dials:          s.dials.Load(),
 		Refunds:        s.refunds.Load(),
 		CancelDials:    s.cancelDials.Load(),
+		CancelsSkipped: s.cancelsSkipped.Load(),
 		JitterWait:     s.waits[waitJitter].load(),
 		RateWait:       s.waits[waitRate].load(),
 		SlotWait:       s.waits[waitSlot].load(),
@@ -54,6 +56,7 @@ func (d *Dialer) Stats() Stats {
 type counters struct {
 	establishments, ok, transient, permanent, closedCount atomic.Int64
 	shed, retries, dials, refunds, cancelDials            atomic.Int64
+	cancelsSkipped                                        atomic.Int64
 
 	waits [numWaitKinds]waitCounter
 }

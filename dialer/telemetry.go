@@ -191,16 +191,18 @@ func errorType(err error) string {
 	return semconv.ErrorTypeOther.Value.AsString()
 }
 
-// tracedConn is a TCP connection of a traced establishment. It records when
-// the client first wrote and the server first answered, whether the first
-// write was an SSLRequest and how the server answered it, and when the
-// connection was closed; it adds nothing else to reads and writes.
+// tracedConn is a TCP connection of an establishment. It records when the
+// client first wrote and the server first answered, whether the first write
+// was an SSLRequest and how the server answered it, whether the server
+// dropped the connection before answering, and when the connection was
+// closed; it adds nothing else to reads and writes.
 type tracedConn struct {
 	net.Conn
 	firstWrite   atomic.Int64 // unix nanoseconds
 	firstRead    atomic.Int64
 	firstByte    atomic.Int32 // first byte the server sent, +1 (0: none yet)
 	sslRequest   atomic.Bool
+	unanswered   atomic.Bool  // reset or closed by the server before its first byte
 	netConnected atomic.Int64 // when pgconn finished TLS (AfterNetConnect)
 	closed       atomic.Int64
 }
@@ -217,8 +219,15 @@ func (c *tracedConn) Write(b []byte) (int, error) {
 
 func (c *tracedConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
-	if n > 0 && c.firstRead.Load() == 0 && c.firstRead.CompareAndSwap(0, time.Now().UnixNano()) {
-		c.firstByte.Store(int32(b[0]) + 1)
+	if c.firstRead.Load() == 0 {
+		switch {
+		case n > 0:
+			if c.firstRead.CompareAndSwap(0, time.Now().UnixNano()) {
+				c.firstByte.Store(int32(b[0]) + 1)
+			}
+		case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+			c.unanswered.Store(true)
+		}
 	}
 	return n, err
 }
@@ -226,6 +235,12 @@ func (c *tracedConn) Read(b []byte) (int, error) {
 func (c *tracedConn) Close() error {
 	c.closed.CompareAndSwap(0, time.Now().UnixNano())
 	return c.Conn.Close()
+}
+
+// dropped reports whether the server reset or closed the connection without
+// sending a byte: nothing was forked for it.
+func (c *tracedConn) dropped() bool {
+	return c.unanswered.Load() && c.firstRead.Load() == 0
 }
 
 // responseTime is the postmaster's response time, or 0 if unknown.
@@ -237,12 +252,25 @@ func (c *tracedConn) responseTime() time.Duration {
 	return time.Duration(r - w)
 }
 
-// dialRecord is one TCP dial of an establishment.
+// dialRecord is one TCP dial of an establishment. Its establishment's mu
+// guards refunded once the dial is recorded.
 type dialRecord struct {
 	network, addr string
 	start, end    time.Time
 	err           error
 	conn          *tracedConn // nil if the dial failed
+	refund        func()      // gives the dial's token back
+	refunded      bool
+}
+
+// giveBack returns r's token to the bucket, once.
+func (r *dialRecord) giveBack(d *Dialer) {
+	if r.refunded {
+		return
+	}
+	r.refunded = true
+	r.refund()
+	d.stats.refunds.Add(1)
 }
 
 func nanos(n int64) time.Time { return time.Unix(0, n) }

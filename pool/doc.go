@@ -41,8 +41,9 @@
 //
 // # Errors
 //
-// A caller whose deadline falls before a wait pgstagger imposes can end gets
-// an error matching [dialer.ErrShed] (and context.DeadlineExceeded) at once.
+// A caller whose deadline falls before a wait pgstagger imposes can end, with
+// time left to connect, gets an error matching [dialer.ErrShed] (and
+// context.DeadlineExceeded) at once.
 // A retry loop that stops returns a [*dialer.GaveUpError]. A closed pool's
 // methods, and callers waiting when it closes, return errors matching
 // [ErrClosed]. [dialer.Classify] sorts any of these; callers never need

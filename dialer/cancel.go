@@ -1,0 +1,192 @@
+package dialer
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// cancelConn is the connection pgconn gets for a CancelRequest. It dials
+// when pgconn first writes, so that it can see the request first: pgx sends
+// a CancelRequest for process ID 0 whenever a connect fails before the
+// server named its backend (a read error during the startup closes the
+// half-made connection, and closing always cancels). Such a request cancels
+// nothing, yet costs the postmaster a fork; at a server restart every
+// process of a fleet sends one at the same moment. cancelConn answers it
+// itself. Every other request is dialed, charged to the bucket without
+// waiting, and passed on.
+//
+// pgconn uses a cancelConn from one goroutine, except that its context
+// watcher may set deadlines from another: mu serializes them.
+type cancelConn struct {
+	d             *Dialer
+	ctx           context.Context
+	next          pgconn.DialFunc
+	network, addr string
+
+	mu      sync.Mutex
+	dialed  bool      // the dial was made (conn or dialErr is its result)
+	conn    net.Conn  // the dialed connection
+	dialErr error     // the dial's error
+	skipped bool      // a keyless request, answered here
+	closed  bool      // Close was called
+	rd, wd  time.Time // deadlines set before the dial
+}
+
+// cancelRequestCode is the protocol's CancelRequest code; the message is
+// length, code, process ID, secret key.
+const cancelRequestCode = 80877102
+
+// keylessCancel reports whether b is a CancelRequest for process ID 0.
+func keylessCancel(b []byte) bool {
+	return len(b) >= 12 && int(binary.BigEndian.Uint32(b[0:4])) == len(b) &&
+		binary.BigEndian.Uint32(b[4:8]) == cancelRequestCode &&
+		binary.BigEndian.Uint32(b[8:12]) == 0
+}
+
+// dial opens the real connection; c.mu is held.
+func (c *cancelConn) dial() error {
+	if c.dialed {
+		return c.dialErr
+	}
+	c.dialed = true
+	c.d.stats.cancelDials.Add(1)
+	now := time.Now()
+	r := c.d.limiter.ReserveN(now, 1)
+	conn, err := c.next(c.ctx, c.network, c.addr)
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		r.CancelAt(now)
+		c.d.stats.refunds.Add(1)
+	}
+	if err != nil {
+		c.dialErr = err
+		return err
+	}
+	c.conn = conn
+	if !c.rd.IsZero() {
+		_ = conn.SetReadDeadline(c.rd)
+	}
+	if !c.wd.IsZero() {
+		_ = conn.SetWriteDeadline(c.wd)
+	}
+	return nil
+}
+
+func (c *cancelConn) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return 0, net.ErrClosed
+	}
+	if !c.dialed && !c.skipped && keylessCancel(b) {
+		c.skipped = true
+		c.mu.Unlock()
+		c.d.stats.cancelsSkipped.Add(1)
+		return len(b), nil
+	}
+	if c.skipped {
+		c.mu.Unlock()
+		return 0, net.ErrClosed
+	}
+	err := c.dial()
+	conn := c.conn
+	c.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	return conn.Write(b)
+}
+
+func (c *cancelConn) Read(b []byte) (int, error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return 0, net.ErrClosed
+	}
+	if c.skipped {
+		// What the server does after a CancelRequest: close.
+		c.mu.Unlock()
+		return 0, io.EOF
+	}
+	err := c.dial()
+	conn := c.conn
+	c.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	return conn.Read(b)
+}
+
+func (c *cancelConn) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	if c.conn != nil {
+		return c.conn.Close()
+	}
+	return nil
+}
+
+// addr is the address dialed, for LocalAddr and RemoteAddr before the dial.
+type addr struct{ network, s string }
+
+func (a addr) Network() string { return a.network }
+func (a addr) String() string  { return a.s }
+
+func (c *cancelConn) LocalAddr() net.Addr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn != nil {
+		return c.conn.LocalAddr()
+	}
+	return addr{c.network, ""}
+}
+
+func (c *cancelConn) RemoteAddr() net.Addr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn != nil {
+		return c.conn.RemoteAddr()
+	}
+	return addr{c.network, c.addr}
+}
+
+func (c *cancelConn) SetDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.rd, c.wd = t, t
+	if c.conn != nil {
+		return c.conn.SetDeadline(t)
+	}
+	return nil
+}
+
+func (c *cancelConn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.rd = t
+	if c.conn != nil {
+		return c.conn.SetReadDeadline(t)
+	}
+	return nil
+}
+
+func (c *cancelConn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.wd = t
+	if c.conn != nil {
+		return c.conn.SetWriteDeadline(t)
+	}
+	return nil
+}
