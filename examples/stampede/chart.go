@@ -11,7 +11,7 @@ import (
 
 // writeChart draws the bystander's connect latency over time for each run,
 // on a logarithmic scale, with the idle connect as a reference line.
-func writeChart(path, title string, idle time.Duration, rs []runResult) error {
+func writeChart(path, title, xLabel string, idle time.Duration, rs []runResult) error {
 	const (
 		w, h             = 900, 420
 		left, right      = 70, 20
@@ -25,7 +25,9 @@ func writeChart(path, title string, idle time.Duration, rs []runResult) error {
 	for _, r := range rs {
 		for _, s := range r.bystander {
 			tmax = max(tmax, s.at)
-			maxMS = max(maxMS, float64(s.latency)/float64(time.Millisecond))
+			if !s.failed {
+				maxMS = max(maxMS, float64(s.latency)/float64(time.Millisecond))
+			}
 		}
 	}
 	maxMS = math.Min(math.Pow(10, math.Ceil(math.Log10(maxMS))), maxMSCeil)
@@ -52,7 +54,7 @@ func writeChart(path, title string, idle time.Duration, rs []runResult) error {
 		fmt.Fprintf(&b, `<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="#eee"/>`+"\n", xs, xs, top, h-bottom)
 		fmt.Fprintf(&b, `<text x="%.1f" y="%d" text-anchor="middle">%gs</text>`+"\n", xs, h-bottom+16, s)
 	}
-	fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">seconds since the fleet started</text>`+"\n", left+plotW/2, h-12)
+	fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", left+plotW/2, h-12, xLabel)
 	// Idle reference.
 	iv := float64(idle) / float64(time.Millisecond)
 	fmt.Fprintf(&b, `<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#555" stroke-dasharray="4 4"/>`+"\n", left, w-right, y(iv), y(iv))
@@ -63,7 +65,7 @@ func writeChart(path, title string, idle time.Duration, rs []runResult) error {
 		ss := slices.Clone(r.bystander)
 		slices.SortFunc(ss, func(a, b sample) int { return int(a.at - b.at) })
 		for _, s := range ss {
-			if s.at < 0 {
+			if s.at < 0 || s.failed {
 				continue
 			}
 			pts = append(pts, fmt.Sprintf("%.1f,%.1f", x(s.at), y(float64(s.latency)/float64(time.Millisecond))))

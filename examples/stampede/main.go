@@ -145,7 +145,7 @@ func startScenario(ctx context.Context, out io.Writer, o options, idle time.Dura
 	fmt.Fprintln(out)
 	report(out, o, idle, capacity, results)
 	if o.chart != "" {
-		if err := writeChart(o.chart, chartTitle(o, capacity), idle, results); err != nil {
+		if err := writeChart(o.chart, chartTitle(o, capacity), "seconds since the fleet started", idle, results); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "\nchart of the bystander's connect latency: %s\n", o.chart)
@@ -190,15 +190,7 @@ func report(out io.Writer, o options, idle time.Duration, capacity float64, rs [
 	})
 	row("bystander connect p50 / p99 / max", func(r runResult) string { return bystanderLatency(r.bystander) })
 	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r runResult) string { return bystanderTimesIdle(r.bystander, idle) })
-	row("bystander connects failed", func(r runResult) string {
-		n := 0
-		for _, s := range r.bystander {
-			if s.failed {
-				n++
-			}
-		}
-		return fmt.Sprintf("%d/%d", n, len(r.bystander))
-	})
+	row("bystander connects failed", func(r runResult) string { return bystanderFailed(r.bystander) })
 	row("server connections opened", func(r runResult) string { return fmt.Sprint(r.dials) })
 	for _, r := range rs {
 		if r.firstErr != "" {
@@ -216,7 +208,19 @@ func bothRuns(o options) []runConfig {
 	}
 }
 
-// bystanderLatency is the p50 / p99 / max of the bystander's connects.
+// bystanderFailed is how many of the bystander's connects failed.
+func bystanderFailed(ss []sample) string {
+	n := 0
+	for _, s := range ss {
+		if s.failed {
+			n++
+		}
+	}
+	return fmt.Sprintf("%d/%d", n, len(ss))
+}
+
+// bystanderLatency is the p50 / p99 / max of the bystander's successful
+// connects.
 func bystanderLatency(ss []sample) string {
 	l := latencies(ss)
 	return ms(percentile(l, 50)) + " / " + ms(percentile(l, 99)) + " / " + ms(percentile(l, 100))

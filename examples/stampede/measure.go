@@ -156,7 +156,9 @@ func (b *bystander) last() (time.Duration, bool) {
 func latencies(ss []sample) []time.Duration {
 	var out []time.Duration
 	for _, s := range ss {
-		out = append(out, s.latency)
+		if !s.failed {
+			out = append(out, s.latency)
+		}
 	}
 	return out
 }

@@ -23,6 +23,7 @@ type restartResult struct {
 	runResult
 	up        time.Duration   // server accepting again
 	recovered time.Duration   // every worker had a query succeed after up (0: not all did)
+	firstOKs  []time.Duration // each worker's first success after up, for those that had one
 	dialTimes []time.Duration // every dial the fleet made
 }
 
@@ -62,15 +63,31 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		}
 		return sec(r.recovered)
 	})
+	row("workers recovered p50 / p90 / p99", func(r restartResult) string {
+		l := slices.Sorted(slices.Values(r.firstOKs))
+		cell := ""
+		for i, p := range []float64{50, 90, 99} {
+			if i > 0 {
+				cell += " / "
+			}
+			if n := int(p / 100 * float64(o.fleet)); n < len(l) {
+				cell += fmt.Sprintf("%.1fs", l[n].Seconds())
+			} else {
+				cell += "-"
+			}
+		}
+		return cell
+	})
 	row(fmt.Sprintf("  budgeted %d ÷ %.0f/s after up", o.fleet*o.conns, o.budget), func(r restartResult) string {
 		if r.name == "pgstagger" {
 			return sec(time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second)))
 		}
 		return "-"
 	})
-	row("peak reconnects in one second", func(r restartResult) string { return fmt.Sprint(peakPerSecond(r.dialTimes, r.up)) })
+	row("peak dials in one second (refused too)", func(r restartResult) string { return fmt.Sprint(peakPerSecond(r.dialTimes)) })
 	row("bystander connect p50 / p99 / max", func(r restartResult) string { return bystanderLatency(r.bystander) })
 	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string { return bystanderTimesIdle(r.bystander, idle) })
+	row("bystander connects failed (server down)", func(r restartResult) string { return bystanderFailed(r.bystander) })
 	row("dials during recovery (refused ones too)", func(r restartResult) string { return fmt.Sprint(len(r.dialTimes)) })
 	fmt.Fprintln(out, "\ndials per second since the restart began (second:count):")
 	for _, r := range results {
@@ -94,7 +111,7 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 			rs = append(rs, r.runResult)
 		}
 		title := fmt.Sprintf("%d workers × %d connection, server restart at 0s; capacity %.0f/s, budget %.0f/s", o.fleet, o.conns, capacity, o.budget)
-		if err := writeChart(o.chart, title, idle, rs); err != nil {
+		if err := writeChart(o.chart, title, "seconds since the restart began", idle, rs); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "\nchart of the bystander's connect latency: %s\n", o.chart)
@@ -102,18 +119,12 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 	return nil
 }
 
-// peakPerSecond is the most dials in any one-second window after up.
-func peakPerSecond(ts []time.Duration, up time.Duration) int {
-	var after []time.Duration
-	for _, t := range ts {
-		if t >= up {
-			after = append(after, t)
-		}
-	}
-	slices.Sort(after)
+// peakPerSecond is the most dials in any one-second window.
+func peakPerSecond(ts []time.Duration) int {
+	sorted := slices.Sorted(slices.Values(ts))
 	peak := 0
-	for i, j := 0, 0; j < len(after); j++ {
-		for after[j]-after[i] >= time.Second {
+	for i, j := 0, 0; j < len(sorted); j++ {
+		for sorted[j]-sorted[i] >= time.Second {
 			i++
 		}
 		peak = max(peak, j-i+1)
@@ -144,7 +155,9 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 		return nd.DialContext(ctx, network, addr)
 	}
 
-	lastOK := make([]atomic.Int64, cfg.fleet) // unix nanos of each worker's last success
+	lastOK := make([]atomic.Int64, cfg.fleet)  // unix nanos of each worker's last success
+	firstOK := make([]atomic.Int64, cfg.fleet) // ... and of its first after the server was up
+	var upNanos atomic.Int64                   // when the server was up again (0: not yet)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	pools := make([]workerPool, cfg.fleet)
@@ -160,7 +173,11 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 			for {
 				qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				if work(qctx, p, cfg.conns) == nil {
-					lastOK[i].Store(time.Now().UnixNano())
+					now := time.Now().UnixNano()
+					lastOK[i].Store(now)
+					if up := upNanos.Load(); up != 0 && now >= up {
+						firstOK[i].CompareAndSwap(0, now)
+					}
 				}
 				cancel()
 				select {
@@ -199,6 +216,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 		return restartResult{}, err
 	}
 	upAt := time.Now()
+	upNanos.Store(upAt.UnixNano())
 	res := restartResult{runResult: runResult{name: cfg.name, fleet: cfg.fleet}, up: upAt.Sub(restartAt)}
 	deadline := upAt.Add(60 * time.Second)
 	for time.Now().Before(deadline) {
@@ -236,6 +254,11 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	mu.Lock()
 	res.dialTimes = slices.Clone(dialTimes)
 	mu.Unlock()
+	for i := range firstOK {
+		if v := firstOK[i].Load(); v != 0 {
+			res.firstOKs = append(res.firstOKs, time.Unix(0, v).Sub(restartAt))
+		}
+	}
 	offset := restartAt.Sub(by.start)
 	for _, s := range by.snapshot() {
 		s.at -= offset
