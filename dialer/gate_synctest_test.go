@@ -89,6 +89,20 @@ func fakeConfig(t *testing.T, f *fakeDials) *pgx.ConnConfig {
 	return cfg
 }
 
+// fakeInstalled returns fakeConfig(t, f) with a Dialer made of opts installed.
+func fakeInstalled(t *testing.T, f *fakeDials, opts ...Option) *pgx.ConnConfig {
+	t.Helper()
+	d, err := New(opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := fakeConfig(t, f)
+	if err := d.Install(cfg); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
 func noRetry() backoff.BackOff { return &backoff.StopBackOff{} }
 
 func TestBucketSpacesDialsExactly(t *testing.T) {
@@ -446,15 +460,8 @@ func TestRecoveryIsSpreadOverTheStartupWindow(t *testing.T) {
 func TestRecoverySpreadStartsWhenTheBucketRefills(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{err: errReset} // accepted and reset: the token was spent
-		d, err := New(WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
+		cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
 			WithConnectRate(rate.Every(4*time.Second), 1), WithBackOff(noRetry))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg := fakeConfig(t, f)
-		if err := d.Install(cfg); err != nil {
-			t.Fatal(err)
-		}
 		start := time.Now()
 		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails
 		_, _ = pgx.ConnectConfig(context.Background(), cfg)
@@ -567,15 +574,8 @@ func TestConnectDroppedUnansweredCostsNothing(t *testing.T) {
 func TestRecoverySpreadsAgainWhenTheBucketIsStillEmpty(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{err: errReset} // the token is spent
-		d, err := New(WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
+		cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
 			WithConnectRate(rate.Every(4*time.Second), 1), WithBackOff(noRetry))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg := fakeConfig(t, f)
-		if err := d.Install(cfg); err != nil {
-			t.Fatal(err)
-		}
 		start := time.Now()
 		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails: recovery at 9s + 5s
 		// At 12s a CancelRequest borrows the token that came back at 9s:
