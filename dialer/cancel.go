@@ -20,8 +20,10 @@ import (
 // half-made connection, and closing always cancels). Such a request cancels
 // nothing, yet costs the postmaster a fork; at a server restart every
 // process of a fleet sends one at the same moment. cancelConn answers it
-// itself. Every other request is dialed, charged to the bucket without
-// waiting, and passed on.
+// itself when it is sent in plain text (over TLS the first write is the
+// SSLRequest, and the request cannot be seen). Every other request is
+// dialed, charged to the bucket without waiting, and passed on; a refused
+// dial gives its token back.
 //
 // pgconn uses a cancelConn from one goroutine, except that its context
 // watcher may set deadlines from another: mu serializes them.
@@ -62,6 +64,7 @@ func (c *cancelConn) dial() error {
 	r := c.d.limiter.ReserveN(now, 1)
 	conn, err := c.next(c.ctx, c.network, c.addr)
 	if errors.Is(err, syscall.ECONNREFUSED) {
+		// Nothing listened: as for an establishment's dial.
 		r.CancelAt(now)
 		c.d.stats.refunds.Add(1)
 	}

@@ -15,7 +15,8 @@
 //     [WithLimiter]). CancelRequest connections are charged but never wait,
 //     so a cancel is never starved. The CancelRequest pgx sends for process
 //     ID 0 whenever a connect fails before the server named its backend
-//     cancels nothing: it is answered without a connection;
+//     cancels nothing: sent in plain text, it is answered without a
+//     connection;
 //   - at most n establishments in flight ([WithMaxConnecting]);
 //   - retries of transient failures with backoff and full jitter
 //     (github.com/cenkalti/backoff/v4, [WithBackOff]), and a shared recovery

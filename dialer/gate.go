@@ -196,9 +196,8 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 		// that failed together borrowed together, and its buckets
 		// refill together: spread from the refill, as from the failure.
 		now := time.Now()
-		if next := d.nextToken(now); next.After(now) {
-			spread := next.Add(jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
-			if err := d.waitUntil(e, spread, waitBackoff); err != nil {
+		if d.nextToken(now).After(now) {
+			if err := d.waitUntil(e, d.spreadFrom(now), waitBackoff); err != nil {
 				return err
 			}
 		}
@@ -318,6 +317,12 @@ func (d *Dialer) learnConnectTime(took time.Duration) {
 	}
 }
 
+// spreadFrom is a fresh draw over the startup window, counted from when the
+// bucket next has a whole token after now.
+func (d *Dialer) spreadFrom(now time.Time) time.Time {
+	return d.nextToken(now).Add(jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
+}
+
 // nextToken is when the bucket will next have a whole token.
 func (d *Dialer) nextToken(now time.Time) time.Time {
 	lim := d.limiter.Limit()
@@ -411,8 +416,7 @@ func (d *Dialer) end(e *establishment, err error) {
 			// spread starts when the bucket lets this process connect
 			// again: the whole fleet spent its tokens at the same
 			// moment, and would otherwise get them back together.
-			spread := d.nextToken(now).Add(jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
-			d.until, d.failedAt = maxTime(now.Add(wait), spread), now
+			d.until, d.failedAt = maxTime(now.Add(wait), d.spreadFrom(now)), now
 			d.failing.Store(true)
 		}
 		d.mu.Unlock()

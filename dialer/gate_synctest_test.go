@@ -89,8 +89,8 @@ func fakeConfig(t *testing.T, f *fakeDials) *pgx.ConnConfig {
 	return cfg
 }
 
-// fakeInstalled returns fakeConfig(t, f) with a Dialer made of opts installed.
-func fakeInstalled(t *testing.T, f *fakeDials, opts ...Option) *pgx.ConnConfig {
+// fakeInstalled returns a Dialer made of opts, installed on fakeConfig(t, f).
+func fakeInstalled(t *testing.T, f *fakeDials, opts ...Option) (*Dialer, *pgx.ConnConfig) {
 	t.Helper()
 	d, err := New(opts...)
 	if err != nil {
@@ -100,7 +100,7 @@ func fakeInstalled(t *testing.T, f *fakeDials, opts ...Option) *pgx.ConnConfig {
 	if err := d.Install(cfg); err != nil {
 		t.Fatal(err)
 	}
-	return cfg
+	return d, cfg
 }
 
 func noRetry() backoff.BackOff { return &backoff.StopBackOff{} }
@@ -245,21 +245,14 @@ func TestShedBeforeTouchingServer(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				f := &fakeDials{}
-				d, err := New(append(c.opts, WithBackOff(noRetry))...)
-				if err != nil {
-					t.Fatal(err)
-				}
-				cfg := fakeConfig(t, f)
-				if err := d.Install(cfg); err != nil {
-					t.Fatal(err)
-				}
+				d, cfg := fakeInstalled(t, f, append(c.opts, WithBackOff(noRetry))...)
 				if c.prep != nil {
 					c.prep(d)
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 				defer cancel()
 				start := time.Now()
-				_, err = d.Connect(ctx, cfg)
+				_, err := d.Connect(ctx, cfg)
 				if !errors.Is(err, ErrShed) || !errors.Is(err, context.DeadlineExceeded) || Classify(err) != Shed {
 					t.Fatalf("err = %v, want a shed error", err)
 				}
@@ -280,16 +273,9 @@ func TestShedBeforeTouchingServer(t *testing.T) {
 func TestRecoveryBackoffBeforeTheNextConnect(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}
-		d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithBackOff(func() backoff.BackOff {
+		_, cfg := fakeInstalled(t, f, WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithBackOff(func() backoff.BackOff {
 			return backoff.NewConstantBackOff(time.Second)
 		}))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg := fakeConfig(t, f)
-		if err := d.Install(cfg); err != nil {
-			t.Fatal(err)
-		}
 		// A plain pgx connect (as pgxpool's background refills make) fails;
 		// the next one waits the Dialer's backoff before touching the server.
 		start := time.Now()
@@ -333,14 +319,7 @@ func TestWaitsEndOnCancelAndClose(t *testing.T) {
 			t.Run(k.name+"/"+end, func(t *testing.T) {
 				synctest.Test(t, func(t *testing.T) {
 					f := &fakeDials{}
-					d, err := New(k.opts...)
-					if err != nil {
-						t.Fatal(err)
-					}
-					cfg := fakeConfig(t, f)
-					if err := d.Install(cfg); err != nil {
-						t.Fatal(err)
-					}
+					d, cfg := fakeInstalled(t, f, k.opts...)
 					if k.setup != nil {
 						k.setup(d, f)
 					}
@@ -425,17 +404,10 @@ func TestRefusedDialsGiveTheirTokenBack(t *testing.T) {
 func TestRecoveryIsSpreadOverTheStartupWindow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}
-		d, err := New(WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.3 }),
+		d, cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.3 }),
 			WithConnectRate(rate.Inf, 1), WithBackOff(func() backoff.BackOff {
 				return backoff.WithMaxRetries(backoff.NewConstantBackOff(time.Second), 1)
 			}))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg := fakeConfig(t, f)
-		if err := d.Install(cfg); err != nil {
-			t.Fatal(err)
-		}
 		start := time.Now()
 		// The first connect waits for the startup release at 3s and fails.
 		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
@@ -460,7 +432,7 @@ func TestRecoveryIsSpreadOverTheStartupWindow(t *testing.T) {
 func TestRecoverySpreadStartsWhenTheBucketRefills(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{err: errReset} // accepted and reset: the token was spent
-		cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
+		_, cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
 			WithConnectRate(rate.Every(4*time.Second), 1), WithBackOff(noRetry))
 		start := time.Now()
 		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails
@@ -486,14 +458,7 @@ func TestCancelRequestsNeverWaitForTheBucket(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{serve: drain}
 		lim := rate.NewLimiter(1, 1)
-		d, err := New(WithLimiter(lim))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg := fakeConfig(t, f)
-		if err := d.Install(cfg); err != nil {
-			t.Fatal(err)
-		}
+		d, cfg := fakeInstalled(t, f, WithLimiter(lim))
 		lim.Allow() // the bucket is empty
 		// A dial outside any establishment is a CancelRequest.
 		start := time.Now()
@@ -574,7 +539,7 @@ func TestConnectDroppedUnansweredCostsNothing(t *testing.T) {
 func TestRecoverySpreadsAgainWhenTheBucketIsStillEmpty(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{err: errReset} // the token is spent
-		cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
+		_, cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
 			WithConnectRate(rate.Every(4*time.Second), 1), WithBackOff(noRetry))
 		start := time.Now()
 		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails: recovery at 9s + 5s
@@ -675,6 +640,28 @@ func TestWaitThatLeavesNoTimeToConnectIsShed(t *testing.T) {
 		}
 		if f.count() != 1 {
 			t.Errorf("the server saw %d dials, want 1", f.count())
+		}
+	})
+}
+
+func TestRefusedCancelRequestGivesItsTokenBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		lim := rate.NewLimiter(rate.Every(time.Hour), 1)
+		f := &fakeDials{} // refuses
+		_, cfg := fakeInstalled(t, f, WithLimiter(lim))
+		conn, err := cfg.DialFunc(context.Background(), "tcp", "127.0.0.1:5432")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Write(append(cancelRequest(42), 0, 0, 0, 7)); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("write: %v, want the refusal", err)
+		}
+		if f.count() != 1 {
+			t.Errorf("server saw %d dials, want 1", f.count())
+		}
+		if tokens := lim.Tokens(); tokens < 0.99 {
+			t.Errorf("bucket holds %.2f tokens, want the refused cancel's token back", tokens)
 		}
 	})
 }

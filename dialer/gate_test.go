@@ -401,3 +401,25 @@ func TestCancelRequestNotStarvedByEmptyBucket(t *testing.T) {
 		t.Errorf("cancel dials = %d, want 1", s.CancelDials)
 	}
 }
+
+func TestSuccessfulConnectsSetTheShedMargin(t *testing.T) {
+	d, err := New(WithStartupJitter(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := ParseConfig(db.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	c, err := d.Connect(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	c.Close(context.Background())
+	// The margin fits sheds by is twice this average.
+	if got := time.Duration(d.connectTime.Load()); got <= 0 || got > took {
+		t.Errorf("average connect time %v after one connect that took %v", got, took)
+	}
+}

@@ -17,7 +17,7 @@ type Stats struct {
 	Dials          int64 // TCP connections attempted for establishments
 	Refunds        int64 // ... and CancelRequests the server forked nothing for (refused, or dropped unanswered): their tokens were given back
 	CancelDials    int64 // TCP connections opened for CancelRequests
-	CancelsSkipped int64 // CancelRequests for process ID 0 (pgx sends one when a connect fails), answered without a connection
+	CancelsSkipped int64 // plain-text CancelRequests for process ID 0 (pgx sends one when a connect fails), answered without a connection
 
 	JitterWait  WaitStats // startup jitter
 	RateWait    WaitStats // token bucket
