@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstagger/pgstagger/internal/testdb"
+	"github.com/pgstagger/pgstagger/pool"
 )
 
 // restartResult is what one fleet did through a server restart. Times are
@@ -25,6 +26,31 @@ type restartResult struct {
 	recovered time.Duration   // every worker had a query succeed after up (0: not all did)
 	firstOKs  []time.Duration // each worker's first success after up, for those that had one
 	dialTimes []time.Duration // every dial the fleet made
+	// gate is what pgstagger's gates counted from the restart on (nil for
+	// pgxpool).
+	gate *gateCounts
+}
+
+// gateCounts sums the fleet's pgstagger gate statistics.
+type gateCounts struct{ refunds, cancelsSkipped, cancelDials int64 }
+
+// countGates sums the Stats of pools that are pgstagger's, or returns nil.
+func countGates(pools []workerPool) *gateCounts {
+	var g *gateCounts
+	for _, p := range pools {
+		sp, ok := p.(*pool.Pool)
+		if !ok {
+			continue
+		}
+		if g == nil {
+			g = &gateCounts{}
+		}
+		s := sp.Dialer().Stats()
+		g.refunds += s.Refunds
+		g.cancelsSkipped += s.CancelsSkipped
+		g.cancelDials += s.CancelDials
+	}
+	return g
 }
 
 func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cluster, idle time.Duration, capacity float64, progress bool) error {
@@ -89,6 +115,18 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string { return bystanderTimesIdle(r.bystander, idle) })
 	row("bystander connects failed (server down)", func(r restartResult) string { return bystanderFailed(r.bystander) })
 	row("dials during recovery (refused ones too)", func(r restartResult) string { return fmt.Sprint(len(r.dialTimes)) })
+	row("  tokens given back (nothing forked)", func(r restartResult) string {
+		if r.gate == nil {
+			return "-"
+		}
+		return fmt.Sprint(r.gate.refunds)
+	})
+	row("cancels dialed / skipped (process 0)", func(r restartResult) string {
+		if r.gate == nil {
+			return "-"
+		}
+		return fmt.Sprintf("%d / %d", r.gate.cancelDials, r.gate.cancelsSkipped)
+	})
 	fmt.Fprintln(out, "\ndials per second since the restart began (second:count):")
 	for _, r := range results {
 		h := map[int]int{}
@@ -209,6 +247,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
 		return restartResult{}, err
 	}
+	before := countGates(pools)
 	mu.Lock()
 	restartAt = time.Now()
 	mu.Unlock()
@@ -254,6 +293,13 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	mu.Lock()
 	res.dialTimes = slices.Clone(dialTimes)
 	mu.Unlock()
+	if after := countGates(pools); after != nil {
+		res.gate = &gateCounts{
+			refunds:        after.refunds - before.refunds,
+			cancelsSkipped: after.cancelsSkipped - before.cancelsSkipped,
+			cancelDials:    after.cancelDials - before.cancelDials,
+		}
+	}
 	for i := range firstOK {
 		if v := firstOK[i].Load(); v != 0 {
 			res.firstOKs = append(res.firstOKs, time.Unix(0, v).Sub(restartAt))
