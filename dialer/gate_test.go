@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
+	"github.com/pgstagger/pgstagger/internal/oteltest"
 	"golang.org/x/time/rate"
 )
 
@@ -307,28 +308,12 @@ func TestPermanentFailuresAreNotRetried(t *testing.T) {
 	}
 }
 
-// userTracer records that pgx called it, for checking composition.
-type userTracer struct {
-	connects, queries atomic.Int32
-}
-
-func (u *userTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
-	u.queries.Add(1)
-	return ctx
-}
-func (u *userTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
-func (u *userTracer) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {
-	u.connects.Add(1)
-	return ctx
-}
-func (u *userTracer) TraceConnectEnd(context.Context, pgx.TraceConnectEndData) {}
-
 func TestUserHooksKeepWorking(t *testing.T) {
 	cfg, err := ParseConfig(db.ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ut := &userTracer{}
+	ut := &oteltest.HookTracer{}
 	var dialled, looked atomic.Int32
 	var nd net.Dialer
 	cfg.Tracer = ut
@@ -352,9 +337,9 @@ func TestUserHooksKeepWorking(t *testing.T) {
 	if _, err := c.Exec(context.Background(), "select 1"); err != nil {
 		t.Fatal(err)
 	}
-	if dialled.Load() != 1 || looked.Load() != 1 || ut.connects.Load() != 1 || ut.queries.Load() != 1 {
+	if dialled.Load() != 1 || looked.Load() != 1 || ut.Connects.Load() != 1 || ut.Queries.Load() != 1 {
 		t.Errorf("user hooks: dial %d, lookup %d, connect trace %d, query trace %d; want 1 each",
-			dialled.Load(), looked.Load(), ut.connects.Load(), ut.queries.Load())
+			dialled.Load(), looked.Load(), ut.Connects.Load(), ut.Queries.Load())
 	}
 	if s := d.Stats(); s.Dials != 1 || s.OK != 1 {
 		t.Errorf("gate stats = %+v, want the connect to pass the gate", s)

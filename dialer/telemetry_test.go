@@ -12,55 +12,23 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/pgstagger/pgstagger/internal/oteltest"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
-	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
-	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 )
 
-// otelEnv is an SDK tracer provider recording every span and a meter
-// provider read by hand.
-type otelEnv struct {
-	spans  *tracetest.SpanRecorder
-	tp     *sdktrace.TracerProvider
-	reader *sdkmetric.ManualReader
-	mp     *sdkmetric.MeterProvider
-}
+// otelEnv is oteltest's Env with the options that point a Dialer at it.
+type otelEnv struct{ *oteltest.Env }
 
-func newOtelEnv(t *testing.T) *otelEnv {
-	t.Helper()
-	e := &otelEnv{spans: tracetest.NewSpanRecorder(), reader: sdkmetric.NewManualReader()}
-	e.tp = sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans))
-	e.mp = sdkmetric.NewMeterProvider(sdkmetric.WithReader(e.reader))
-	t.Cleanup(func() {
-		_ = e.tp.Shutdown(context.Background())
-		_ = e.mp.Shutdown(context.Background())
-	})
-	return e
-}
+func newOtelEnv(t *testing.T) otelEnv { return otelEnv{oteltest.New(t)} }
 
-func (e *otelEnv) opts() []Option {
-	return []Option{WithTracerProvider(e.tp), WithMeterProvider(e.mp)}
-}
-
-func (e *otelEnv) metrics(t *testing.T) map[string]metricdata.Metrics {
-	t.Helper()
-	var rm metricdata.ResourceMetrics
-	if err := e.reader.Collect(context.Background(), &rm); err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]metricdata.Metrics{}
-	for _, sm := range rm.ScopeMetrics {
-		for _, m := range sm.Metrics {
-			out[m.Name] = m
-		}
-	}
-	return out
+func (e otelEnv) opts() []Option {
+	return []Option{WithTracerProvider(e.TP), WithMeterProvider(e.MP)}
 }
 
 func attrOf(s sdktrace.ReadOnlySpan, k attribute.Key) (attribute.Value, bool) {
@@ -141,7 +109,7 @@ func TestConnectSpanTree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, caller := env.tp.Tracer("test").Start(context.Background(), "handle request")
+	ctx, caller := env.TP.Tracer("test").Start(context.Background(), "handle request")
 	conn, err := d.Connect(ctx, cfg)
 	caller.End()
 	if err != nil {
@@ -149,7 +117,7 @@ func TestConnectSpanTree(t *testing.T) {
 	}
 	conn.Close(context.Background())
 
-	spans := env.spans.Ended()
+	spans := env.Spans.Ended()
 	connects := named(spans, spanConnect)
 	if len(connects) != 1 {
 		t.Fatalf("%d connect spans in %v, want 1", len(connects), spanNames(spans))
@@ -213,7 +181,7 @@ func TestConnectSpanTree(t *testing.T) {
 		}
 	}
 
-	m := env.metrics(t)
+	m := env.Metrics(t)
 	checkHistogram(t, m, "db.client.connection.create_time", "s", 1, semconv.DBClientConnectionPoolNameKey, "orders")
 	checkHistogram(t, m, "pgstagger.postmaster.response_time", "s", 2, semconv.DBClientConnectionPoolNameKey, "orders")
 	checkHistogram(t, m, "pgstagger.connect.wait_time", "s", 1, AttrWait, "startup_jitter")
@@ -296,13 +264,13 @@ func TestFailedAttemptsAreSeparateSpansWithSQLSTATE(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, caller := env.tp.Tracer("test").Start(context.Background(), "job")
+	ctx, caller := env.TP.Tracer("test").Start(context.Background(), "job")
 	_, err = d.Connect(ctx, cfg)
 	caller.End()
 	if Classify(err) != Transient {
 		t.Fatalf("err = %v, want transient 53300 after the retries", err)
 	}
-	spans := env.spans.Ended()
+	spans := env.Spans.Ended()
 	connects := named(spans, spanConnect)
 	if len(connects) != 3 {
 		t.Fatalf("%d connect spans, want 3 attempts", len(connects))
@@ -330,7 +298,7 @@ func TestFailedAttemptsAreSeparateSpansWithSQLSTATE(t *testing.T) {
 	if waits := named(childrenOf(spans, caller.(sdktrace.ReadOnlySpan)), "pgstagger.wait.backoff"); len(waits) != 2 {
 		t.Errorf("%d backoff wait spans under the caller, want 2", len(waits))
 	}
-	checkCounter(t, env.metrics(t), "pgstagger.connect.attempts", "{attempt}", 3, AttrOutcome, "transient")
+	checkCounter(t, env.Metrics(t), "pgstagger.connect.attempts", "{attempt}", 3, AttrOutcome, "transient")
 
 	// Each failure and each retry is logged, with the pool and attempt.
 	var failures, retries int
@@ -377,7 +345,7 @@ func TestTLSHandshakeSpan(t *testing.T) {
 		t.Fatal(err)
 	}
 	conn.Close(context.Background())
-	spans := env.spans.Ended()
+	spans := env.Spans.Ended()
 	cs := named(spans, spanConnect)[0]
 	kids := childrenOf(spans, cs)
 	if got, want := spanNames(kids), []string{spanSetup, spanLookup, spanDial, spanTLS, spanStartup}; !slices.Equal(got, want) {

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/internal/oteltest"
 )
 
 // fast turns off the waits that are not under test.
@@ -461,26 +462,6 @@ func TestCloseUnblocksEveryWaiter(t *testing.T) {
 	}
 }
 
-type hookTracer struct {
-	connects, queries, acquires atomic.Int32
-}
-
-func (h *hookTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
-	h.queries.Add(1)
-	return ctx
-}
-func (h *hookTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
-func (h *hookTracer) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {
-	h.connects.Add(1)
-	return ctx
-}
-func (h *hookTracer) TraceConnectEnd(context.Context, pgx.TraceConnectEndData) {}
-func (h *hookTracer) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, _ pgxpool.TraceAcquireStartData) context.Context {
-	h.acquires.Add(1)
-	return ctx
-}
-func (h *hookTracer) TraceAcquireEnd(context.Context, *pgxpool.Pool, pgxpool.TraceAcquireEndData) {}
-
 func TestUserHooksAndTracerKeepWorking(t *testing.T) {
 	cfg, err := pgxpool.ParseConfig(db.ConnString("", "pool_max_conns=1"))
 	if err != nil {
@@ -499,7 +480,7 @@ func TestUserHooksAndTracerKeepWorking(t *testing.T) {
 		return n.(*atomic.Int32).Load()
 	}
 	var nd net.Dialer
-	ht := &hookTracer{}
+	ht := &oteltest.HookTracer{}
 	cfg.ConnConfig.Tracer = ht
 	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		count("DialFunc")
@@ -530,9 +511,9 @@ func TestUserHooksAndTracerKeepWorking(t *testing.T) {
 			t.Errorf("%s called %d times, want 1", h, n)
 		}
 	}
-	if ht.connects.Load() != 1 || ht.queries.Load() != 1 || ht.acquires.Load() != 1 {
+	if ht.Connects.Load() != 1 || ht.Queries.Load() != 1 || ht.Acquires.Load() != 1 {
 		t.Errorf("user tracer: %d connects, %d queries, %d acquires; want 1 each",
-			ht.connects.Load(), ht.queries.Load(), ht.acquires.Load())
+			ht.Connects.Load(), ht.Queries.Load(), ht.Acquires.Load())
 	}
 	if s := p.Stats(); s.Dials != 1 {
 		t.Errorf("gate dials = %d, want 1", s.Dials)

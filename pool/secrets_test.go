@@ -74,7 +74,7 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 	if dialer.Classify(errs[0]) != dialer.Permanent || dialer.Classify(errs[1]) != dialer.Transient || dialer.Classify(errs[2]) != dialer.Shed {
 		t.Errorf("failure paths not as intended: %v", errs)
 	}
-	for _, s := range env.spans.Ended() {
+	for _, s := range env.Spans.Ended() {
 		haystack = append(haystack, s.Name(), s.Status().Description)
 		haystack = append(haystack, attrStrings(s.Attributes())...)
 		for _, ev := range s.Events() {
@@ -86,7 +86,7 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 		}
 	}
 	var rm metricdata.ResourceMetrics
-	if err := env.reader.Collect(ctx, &rm); err != nil {
+	if err := env.Reader.Collect(ctx, &rm); err != nil {
 		t.Fatal(err)
 	}
 	for _, sm := range rm.ScopeMetrics {

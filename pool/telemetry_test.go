@@ -13,38 +13,23 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
-	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
-	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	"google.golang.org/grpc"
 
 	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/internal/oteltest"
 )
 
-type otelEnv struct {
-	spans  *tracetest.SpanRecorder
-	tp     *sdktrace.TracerProvider
-	reader *sdkmetric.ManualReader
-	mp     *sdkmetric.MeterProvider
-}
+// otelEnv is oteltest's Env with the options that point a Pool at it.
+type otelEnv struct{ *oteltest.Env }
 
-func newOtelEnv(t *testing.T) *otelEnv {
-	t.Helper()
-	e := &otelEnv{spans: tracetest.NewSpanRecorder(), reader: sdkmetric.NewManualReader()}
-	e.tp = sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans))
-	e.mp = sdkmetric.NewMeterProvider(sdkmetric.WithReader(e.reader))
-	t.Cleanup(func() {
-		_ = e.tp.Shutdown(context.Background())
-		_ = e.mp.Shutdown(context.Background())
-	})
-	return e
-}
+func newOtelEnv(t *testing.T) otelEnv { return otelEnv{oteltest.New(t)} }
 
-func (e *otelEnv) opts() []Option {
-	return []Option{WithTracerProvider(e.tp), WithMeterProvider(e.mp)}
+func (e otelEnv) opts() []Option {
+	return []Option{WithTracerProvider(e.TP), WithMeterProvider(e.MP)}
 }
 
 func connectSpans(spans []sdktrace.ReadOnlySpan, reason string) []sdktrace.ReadOnlySpan {
@@ -89,7 +74,7 @@ func TestBackgroundConnectsGetRootSpans(t *testing.T) {
 	env := newOtelEnv(t)
 	cfg, made := connected(t, "pool_min_conns=2", "pool_max_conns=4")
 	cfg.HealthCheckPeriod = 50 * time.Millisecond
-	ctx, creator := env.tp.Tracer("test").Start(context.Background(), "service start")
+	ctx, creator := env.TP.Tracer("test").Start(context.Background(), "service start")
 	p, err := NewWithConfig(ctx, cfg, append(env.opts(), fast...)...)
 	creator.End()
 	if err != nil {
@@ -103,13 +88,13 @@ func TestBackgroundConnectsGetRootSpans(t *testing.T) {
 	p.Close()
 	// An empty pool must establish a connection for this caller.
 	empty := newPool(t, db.ConnString(""), append(env.opts(), fast...)...)
-	ctx2, caller := env.tp.Tracer("test").Start(context.Background(), "request")
+	ctx2, caller := env.TP.Tracer("test").Start(context.Background(), "request")
 	if err := empty.Ping(ctx2); err != nil {
 		t.Fatal(err)
 	}
 	caller.End()
 
-	spans := env.spans.Ended()
+	spans := env.Spans.Ended()
 	warm, refill, acquire := connectSpans(spans, dialer.ReasonWarmUp), connectSpans(spans, dialer.ReasonRefill), connectSpans(spans, dialer.ReasonAcquire)
 	if len(warm) != 2 || len(refill) != 2 {
 		t.Fatalf("%d warm-up and %d refill connect spans, want 2 each", len(warm), len(refill))
@@ -129,23 +114,6 @@ func TestBackgroundConnectsGetRootSpans(t *testing.T) {
 	}
 }
 
-func collect(t *testing.T, r *sdkmetric.ManualReader) map[string]metricdata.Metrics {
-	t.Helper()
-	var rm metricdata.ResourceMetrics
-	if err := r.Collect(context.Background(), &rm); err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]metricdata.Metrics{}
-	for _, sm := range rm.ScopeMetrics {
-		for _, m := range sm.Metrics {
-			out[m.Name] = m
-		}
-	}
-	return out
-}
-
-// point returns the int64 value of metric name at the data point with
-// attrs, and whether there is one.
 func point(m metricdata.Metrics, attrs ...attribute.KeyValue) (int64, bool) {
 	want := attribute.NewSet(attrs...)
 	switch d := m.Data.(type) {
@@ -206,7 +174,7 @@ func TestPoolMetricsFollowTheConventions(t *testing.T) {
 		waiting <- err
 	}()
 	<-acquiring // the pool's hooks run first: the waiter is counted now
-	m := collect(t, env.reader)
+	m := env.Metrics(t)
 	check := func(metricName string, want int64, attrs ...attribute.KeyValue) {
 		t.Helper()
 		if got, ok := point(m[metricName], attrs...); !ok || got != want {
@@ -242,7 +210,7 @@ func TestPoolMetricsFollowTheConventions(t *testing.T) {
 		t.Fatal(err)
 	}
 	c2.Release()
-	m = collect(t, env.reader)
+	m = env.Metrics(t)
 	check("db.client.connection.use_time", 3, name)
 	check("db.client.connection.pending_requests", 0, name)
 }
