@@ -191,59 +191,50 @@ func TestConnectSpanTree(t *testing.T) {
 
 // checkHistogram finds the data point of metric name whose attribute k is v
 // and checks unit, count and that buckets reach 30s.
-func checkHistogram(t *testing.T, m map[string]metricdata.Metrics, name, unit string, count uint64, k attribute.Key, v string) {
+func checkHistogram(t *testing.T, m map[string]metricdata.Metrics, name, unit string, count int64, k attribute.Key, v string) {
 	t.Helper()
-	md, ok := m[name]
-	if !ok {
-		t.Errorf("no metric %s", name)
-		return
-	}
-	if md.Unit != unit {
-		t.Errorf("%s unit = %q, want %q", name, md.Unit, unit)
-	}
-	h, ok := md.Data.(metricdata.Histogram[float64])
-	if !ok {
-		t.Errorf("%s is %T, want a float64 histogram", name, md.Data)
-		return
-	}
-	for _, dp := range h.DataPoints {
-		if got, _ := dp.Attributes.Value(k); got.AsString() == v {
-			if dp.Count != count {
-				t.Errorf("%s{%s=%s} count = %d, want %d", name, k, v, dp.Count, count)
-			}
-			if last := dp.Bounds[len(dp.Bounds)-1]; last < 30 {
-				t.Errorf("%s buckets end at %vs, want at least 30s", name, last)
-			}
-			return
+	if bounds, ok := checkPoint(t, m, name, unit, count, k, v); ok {
+		if _, isHist := m[name].Data.(metricdata.Histogram[float64]); !isHist {
+			t.Errorf("%s is %T, want a float64 histogram", name, m[name].Data)
+		} else if last := bounds[len(bounds)-1]; last < 30 {
+			t.Errorf("%s buckets end at %vs, want at least 30s", name, last)
 		}
 	}
-	t.Errorf("%s has no data point with %s=%s", name, k, v)
 }
 
 func checkCounter(t *testing.T, m map[string]metricdata.Metrics, name, unit string, value int64, k attribute.Key, v string) {
 	t.Helper()
+	if _, ok := checkPoint(t, m, name, unit, value, k, v); ok {
+		if _, isSum := m[name].Data.(metricdata.Sum[int64]); !isSum {
+			t.Errorf("%s is %T, want an int64 sum", name, m[name].Data)
+		}
+	}
+}
+
+// checkPoint checks metric name's unit and the value of its data point whose
+// attribute k is v, and returns the point's bucket bounds.
+func checkPoint(t *testing.T, m map[string]metricdata.Metrics, name, unit string, want int64, k attribute.Key, v string) ([]float64, bool) {
+	t.Helper()
 	md, ok := m[name]
 	if !ok {
 		t.Errorf("no metric %s", name)
-		return
+		return nil, false
 	}
 	if md.Unit != unit {
 		t.Errorf("%s unit = %q, want %q", name, md.Unit, unit)
 	}
-	sum, ok := md.Data.(metricdata.Sum[int64])
+	got, bounds, ok := oteltest.Point(md, func(s attribute.Set) bool {
+		a, _ := s.Value(k)
+		return a.AsString() == v
+	})
 	if !ok {
-		t.Errorf("%s is %T, want an int64 sum", name, md.Data)
-		return
+		t.Errorf("%s has no data point with %s=%s", name, k, v)
+		return nil, false
 	}
-	for _, dp := range sum.DataPoints {
-		if got, _ := dp.Attributes.Value(k); got.AsString() == v {
-			if dp.Value != value {
-				t.Errorf("%s{%s=%s} = %d, want %d", name, k, v, dp.Value, value)
-			}
-			return
-		}
+	if got != want {
+		t.Errorf("%s{%s=%s} = %d, want %d", name, k, v, got, want)
 	}
-	t.Errorf("%s has no data point with %s=%s", name, k, v)
+	return bounds, true
 }
 
 func TestFailedAttemptsAreSeparateSpansWithSQLSTATE(t *testing.T) {

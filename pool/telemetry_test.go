@@ -116,21 +116,8 @@ func TestBackgroundConnectsGetRootSpans(t *testing.T) {
 
 func point(m metricdata.Metrics, attrs ...attribute.KeyValue) (int64, bool) {
 	want := attribute.NewSet(attrs...)
-	switch d := m.Data.(type) {
-	case metricdata.Sum[int64]:
-		for _, dp := range d.DataPoints {
-			if dp.Attributes.Equals(&want) {
-				return dp.Value, true
-			}
-		}
-	case metricdata.Histogram[float64]:
-		for _, dp := range d.DataPoints {
-			if dp.Attributes.Equals(&want) {
-				return int64(dp.Count), true
-			}
-		}
-	}
-	return 0, false
+	v, _, ok := oteltest.Point(m, func(s attribute.Set) bool { return s.Equals(&want) })
+	return v, ok
 }
 
 func TestPoolMetricsFollowTheConventions(t *testing.T) {

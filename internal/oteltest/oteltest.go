@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/attribute"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
@@ -51,6 +52,27 @@ func (e *Env) Metrics(t testing.TB) map[string]metricdata.Metrics {
 		}
 	}
 	return out
+}
+
+// Point finds the data point of m, an int64 sum or a float64 histogram,
+// whose attributes match, and returns its value (a histogram's count) and
+// its bucket bounds (nil for a sum).
+func Point(m metricdata.Metrics, match func(attribute.Set) bool) (value int64, bounds []float64, ok bool) {
+	switch d := m.Data.(type) {
+	case metricdata.Sum[int64]:
+		for _, dp := range d.DataPoints {
+			if match(dp.Attributes) {
+				return dp.Value, nil, true
+			}
+		}
+	case metricdata.Histogram[float64]:
+		for _, dp := range d.DataPoints {
+			if match(dp.Attributes) {
+				return int64(dp.Count), dp.Bounds, true
+			}
+		}
+	}
+	return 0, nil, false
 }
 
 // HookTracer counts the connect, query and pool-acquire hooks pgx calls on
