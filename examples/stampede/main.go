@@ -158,18 +158,24 @@ func chartTitle(o options, capacity float64) string {
 		o.fleet, o.conns, capacity, o.budget)
 }
 
-// report prints the side-by-side table.
-func report(out io.Writer, o options, idle time.Duration, capacity float64, rs []runResult) {
-	need := float64(o.fleet * o.conns)
-	limit := time.Duration(need / capacity * float64(time.Second))
-	planned := time.Duration(need / o.budget * float64(time.Second))
-	row := func(label string, cell func(r runResult) string) {
+// tableRow returns a printer of one table row: label, then one cell per
+// result.
+func tableRow[R any](out io.Writer, rs []R) func(label string, cell func(R) string) {
+	return func(label string, cell func(R) string) {
 		fmt.Fprintf(out, "%-36s", label)
 		for _, r := range rs {
 			fmt.Fprintf(out, " %22s", cell(r))
 		}
 		fmt.Fprintln(out)
 	}
+}
+
+// report prints the side-by-side table.
+func report(out io.Writer, o options, idle time.Duration, capacity float64, rs []runResult) {
+	need := float64(o.fleet * o.conns)
+	limit := time.Duration(need / capacity * float64(time.Second))
+	planned := time.Duration(need / o.budget * float64(time.Second))
+	row := tableRow(out, rs)
 	row("", func(r runResult) string { return r.name })
 	row("failed workers", func(r runResult) string { return fmt.Sprintf("%d/%d", r.failed, r.fleet) })
 	row("all workers ready after", func(r runResult) string {

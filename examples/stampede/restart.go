@@ -74,13 +74,7 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		results = append(results, res)
 	}
 	fmt.Fprintln(out)
-	row := func(label string, cell func(r restartResult) string) {
-		fmt.Fprintf(out, "%-36s", label)
-		for _, r := range results {
-			fmt.Fprintf(out, " %22s", cell(r))
-		}
-		fmt.Fprintln(out)
-	}
+	row := tableRow(out, results)
 	row("", func(r restartResult) string { return r.name })
 	row("server accepting again after", func(r restartResult) string { return sec(r.up) })
 	row("all workers recovered after", func(r restartResult) string {
