@@ -3,7 +3,9 @@ package pool
 import (
 	"context"
 	"testing"
+	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -94,4 +96,75 @@ func BenchmarkExec(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkPaired measures what pgstagger's Pool adds over the pgxpool.Pool
+// it wraps, on the very same connection: one pool of one connection, whose
+// methods are timed interleaved with its inner pgxpool's, in batches that
+// alternate which goes first. Side-by-side pools each talk to their own
+// server backend, and where the kernel places those two processes moves each
+// pool's time by ±10%; here the server side is one process for both, and load
+// from elsewhere falls on both alike. The connection itself is pgstagger's
+// (its net.Conn is wrapped to see the server's first byte), so both sides pay
+// that wrapper; BenchmarkQueryRow compares it with plain pgxpool's. The
+// reported metric is the ratio of total times, pgstagger / pgxpool;
+// benchstat summarises it across -count runs.
+func BenchmarkPaired(b *testing.B) {
+	ctx := context.Background()
+	ours, err := New(ctx, db.ConnString("", "pool_max_conns=1"), fast...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(ours.Close)
+	plain := ours.p // the same connection, without pgstagger's wrapping
+	if err := ours.Ping(ctx); err != nil {
+		b.Fatal(err)
+	}
+	var n int
+	queryRow := func(p interface {
+		QueryRow(context.Context, string, ...any) pgx.Row
+	}) func() error {
+		return func() error { return p.QueryRow(ctx, "select 1").Scan(&n) }
+	}
+	acquireRelease := func(acquire func(context.Context) (*pgxpool.Conn, error)) func() error {
+		return func() error {
+			c, err := acquire(ctx)
+			if err == nil {
+				c.Release()
+			}
+			return err
+		}
+	}
+	for _, tc := range []struct {
+		name        string
+		batch       int // operations timed together, to dwarf the clock's cost
+		plain, ours func() error
+	}{
+		{"op=QueryRow", 10, queryRow(plain), queryRow(ours)},
+		{"op=AcquireRelease", 1000, acquireRelease(plain.Acquire), acquireRelease(ours.Acquire)},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			var spent [2]time.Duration // pgxpool, pgstagger
+			ops := [2]func() error{tc.plain, tc.ours}
+			round := 0
+			for b.Loop() {
+				for k := range 2 {
+					side := (round + k) % 2 // alternate which side goes first
+					start := time.Now()
+					for range tc.batch {
+						if err := ops[side](); err != nil {
+							b.Fatal(err)
+						}
+					}
+					spent[side] += time.Since(start)
+				}
+				round++
+			}
+			per := float64(b.N * tc.batch)
+			b.ReportMetric(0, "ns/op")
+			b.ReportMetric(float64(spent[0].Nanoseconds())/per, "pgxpool-ns/op")
+			b.ReportMetric(float64(spent[1].Nanoseconds())/per, "pgstagger-ns/op")
+			b.ReportMetric(float64(spent[1])/float64(spent[0]), "pgstagger/pgxpool")
+		})
+	}
 }
