@@ -104,10 +104,10 @@ func BenchmarkExec(b *testing.B) {
 // alternate which goes first. Side-by-side pools each talk to their own
 // server backend, and where the kernel places those two processes moves each
 // pool's time by ±10%; here the server side is one process for both, and load
-// from elsewhere falls on both alike. The connection itself is pgstagger's
-// (its net.Conn is wrapped to see the server's first byte), so both sides pay
-// that wrapper; BenchmarkQueryRow compares it with plain pgxpool's. The
-// reported metric is the ratio of total times, pgstagger / pgxpool;
+// from elsewhere falls on both alike. What pgstagger installs inside the
+// pgxpool.Pool (the lifetime-jitter check in PrepareConn, the wrapper on the
+// connection's reads and writes) both sides share here; the side-by-side
+// benchmarks above include it. The reported metric is the ratio of total times, pgstagger / pgxpool;
 // benchstat summarises it across -count runs.
 func BenchmarkPaired(b *testing.B) {
 	ctx := context.Background()
