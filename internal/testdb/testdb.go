@@ -570,6 +570,44 @@ func (c *Cluster) waitBackendsGone(timeout time.Duration) {
 	}
 }
 
+// SlowRecovery makes the next [Cluster.Start] of a stopped or killed cluster
+// run archive recovery, each of whose restore_command calls sleeps step and
+// then fails (there is no archive): until recovery ends the server answers
+// every connection with SQLSTATE 57P03, "the database system is starting
+// up". PostgreSQL 15 calls restore_command about four times, so the window
+// lasts several steps; Start still waits until the server is ready. A crash
+// replays too little WAL here to give a window of any length on its own.
+func (c *Cluster) SlowRecovery(step time.Duration) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cmd != nil {
+		return errors.New("testdb: SlowRecovery needs a stopped cluster")
+	}
+	conf, err := os.OpenFile(filepath.Join(c.data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	line := fmt.Sprintf("restore_command = 'sleep %.3f; false'\n", step.Seconds())
+	if _, err := conf.WriteString(line); err != nil {
+		conf.Close()
+		return fmt.Errorf("testdb: %w", err)
+	}
+	if err := conf.Close(); err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	// Owned by the server's user, as the rest of the data directory.
+	signal := filepath.Join(c.data, "recovery.signal")
+	if err := os.WriteFile(signal, nil, 0o600); err != nil {
+		return fmt.Errorf("testdb: %w", err)
+	}
+	if c.cred != nil {
+		if err := os.Chown(signal, int(c.cred.Uid), int(c.cred.Gid)); err != nil {
+			return fmt.Errorf("testdb: %w", err)
+		}
+	}
+	return nil
+}
+
 // Freeze stops the postmaster with SIGSTOP: it accepts no connection until
 // [Cluster.Thaw]. Existing backends keep running.
 func (c *Cluster) Freeze() error { return c.signal(syscall.SIGSTOP) }

@@ -1,0 +1,298 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
+
+	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/internal/testdb"
+)
+
+// ownCluster starts a cluster for one test, which may crash, freeze or fill
+// it without disturbing the package's shared one.
+func ownCluster(t *testing.T, opts testdb.Options) *testdb.Cluster {
+	t.Helper()
+	c, err := testdb.Start(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// attempts is a pgx tracer (pgx requires the query hooks too) that reports each connect attempt's end, with
+// its error, on a channel.
+type attempts struct{ ended chan attempt }
+
+type attempt struct {
+	at  time.Time
+	err error
+}
+
+func newAttempts() *attempts { return &attempts{ended: make(chan attempt, 1000)} }
+
+func (a *attempts) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+
+func (a *attempts) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (a *attempts) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {
+	return ctx
+}
+
+func (a *attempts) TraceConnectEnd(_ context.Context, data pgx.TraceConnectEndData) {
+	a.ended <- attempt{time.Now(), data.Err}
+}
+
+// next waits for the next attempt to end.
+func (a *attempts) next(t *testing.T) attempt {
+	t.Helper()
+	select {
+	case at := <-a.ended:
+		return at
+	case <-time.After(30 * time.Second):
+		t.Fatal("no connect attempt ended within 30s")
+		return attempt{}
+	}
+}
+
+// sqlstate is err's SQLSTATE, or "".
+func sqlstate(err error) string {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return pe.Code
+	}
+	return ""
+}
+
+func TestCrashRecoveryIsRetriedThrough57P03(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	cfg, err := pgxpool.ParseConfig(c.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := newAttempts()
+	cfg.ConnConfig.Tracer = seen
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0),
+		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(50 * time.Millisecond) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	// Until the server is up again it refuses connections, then answers
+	// 57P03 while it recovers.
+	if err := c.SlowRecovery(500 * time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan error, 1)
+	go func() { started <- c.Start() }()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := p.Exec(ctx, "select 1"); err != nil {
+		t.Fatalf("Exec through the crash: %v", err)
+	}
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+	var starting, other int
+	for len(seen.ended) > 0 {
+		at := seen.next(t)
+		switch {
+		case at.err == nil:
+		case sqlstate(at.err) == "57P03":
+			starting++
+		case dialer.Classify(at.err) != dialer.Transient:
+			t.Errorf("attempt failed with %v, classified %v; want transient", at.err, dialer.Classify(at.err))
+		default:
+			other++
+		}
+	}
+	if starting == 0 {
+		t.Errorf("no attempt saw 57P03 (%d other transient failures); the test did not reach recovery", other)
+	}
+	st := p.Stats()
+	if st.OK != 1 || st.Permanent != 0 {
+		t.Errorf("stats: %d OK, %d permanent; want 1, 0", st.OK, st.Permanent)
+	}
+}
+
+func TestExhaustedServerIsRetriedWithBackoffUntilASlotFrees(t *testing.T) {
+	c := ownCluster(t, testdb.Options{Settings: map[string]string{
+		"max_connections": "3", "superuser_reserved_connections": "0",
+	}})
+	ctx := context.Background()
+	var holders []*pgx.Conn
+	for range 3 {
+		h, err := pgx.Connect(ctx, c.ConnString(""))
+		if err != nil {
+			t.Fatal(err)
+		}
+		holders = append(holders, h)
+	}
+	t.Cleanup(func() {
+		for _, h := range holders {
+			h.Close(ctx)
+		}
+	})
+
+	const wait = 150 * time.Millisecond
+	cfg, err := pgxpool.ParseConfig(c.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := newAttempts()
+	cfg.ConnConfig.Tracer = seen
+	p, err := NewWithConfig(ctx, cfg, WithStartupJitter(0),
+		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(wait) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+
+	before := c.ConnectionsReceived()
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.Exec(ctx, "select 1")
+		done <- err
+	}()
+	const failures = 4
+	var last time.Time
+	for i := range failures {
+		at := seen.next(t)
+		if code := sqlstate(at.err); code != "53300" {
+			t.Fatalf("attempt %d: err = %v, want SQLSTATE 53300", i+1, at.err)
+		}
+		if i > 0 && at.at.Sub(last) < wait {
+			t.Errorf("attempt %d failed %v after the one before, want at least the backoff's %v", i+1, at.at.Sub(last), wait)
+		}
+		last = at.at
+	}
+	holders[0].Close(ctx) // a slot frees
+	if err := <-done; err != nil {
+		t.Fatalf("Exec after a slot freed: %v", err)
+	}
+	// Every attempt is one connection the server forked for, and no more:
+	// the failures seen, those between the last one seen and the free slot,
+	// and the success.
+	more := 0
+	for len(seen.ended) > 0 {
+		if seen.next(t).err != nil {
+			more++
+		}
+	}
+	got := c.WaitConnectionsReceived(before+failures+int64(more)+1, 5*time.Second) - before
+	if want := int64(failures + more + 1); got != want {
+		t.Errorf("server received %d connections, want %d (attempts)", got, want)
+	}
+	if st := p.Stats(); st.Retries != int64(failures+more) {
+		t.Errorf("stats: %d retries, want %d", st.Retries, failures+more)
+	}
+}
+
+// sockets counts this process's open sockets.
+func sockets(t *testing.T) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, fd := range fds {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil && strings.HasPrefix(l, "socket:") {
+			n++
+		}
+	}
+	return n
+}
+
+func TestFrozenPostmasterEndsConnectsAtTheirDeadlines(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	const n = 8
+	p := newPool(t, c.ConnString("", "connect_timeout=1", "pool_max_conns=8"), fast...)
+	// The pool's own goroutines are running: count what the freeze adds.
+	ignore := goleak.IgnoreCurrent()
+	socketsBefore := sockets(t)
+
+	if err := c.Freeze(); err != nil {
+		t.Fatal(err)
+	}
+	thawed := false
+	t.Cleanup(func() {
+		if !thawed {
+			_ = c.Thaw()
+		}
+	})
+	const deadline = 2500 * time.Millisecond
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	took := make([]time.Duration, n)
+	for i := range n {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), deadline)
+			defer cancel()
+			start := time.Now()
+			_, errs[i] = p.Exec(ctx, "select 1")
+			took[i] = time.Since(start)
+		})
+	}
+	wg.Wait()
+	for i := range n {
+		if !errors.Is(errs[i], context.DeadlineExceeded) {
+			t.Errorf("caller %d: err = %v, want context.DeadlineExceeded", i, errs[i])
+		}
+		if took[i] > deadline+time.Second {
+			t.Errorf("caller %d returned after %v, %v past its deadline", i, took[i], took[i]-deadline)
+		}
+	}
+	st := p.Stats()
+	if st.Transient == 0 {
+		t.Errorf("no attempt ended at connect_timeout (stats %+v)", st)
+	}
+	// Nothing piles up. A connect pgxpool began for a caller runs on after
+	// the caller gives up (its context has the caller's values but not its
+	// deadline), until connect_timeout: at most one per caller, each gone
+	// within connect_timeout.
+	if got := sockets(t) - socketsBefore; got > n {
+		t.Errorf("%d sockets still open as the callers returned, want at most one per caller (%d)", got, n)
+	}
+	gone := time.Now().Add(time.Second + time.Second) // connect_timeout, and slack
+	for {
+		leaked := goleak.Find(ignore)
+		open := sockets(t)
+		if leaked == nil && open <= socketsBefore {
+			break
+		}
+		if time.Now().After(gone) {
+			t.Fatalf("1s past connect_timeout: %d sockets open (%d before); goroutines: %v", open, socketsBefore, leaked)
+		}
+		time.Sleep(20 * time.Millisecond) // polling: nothing signals a socket's close
+	}
+
+	if err := c.Thaw(); err != nil {
+		t.Fatal(err)
+	}
+	thawed = true
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := p.Exec(ctx, "select 1"); err != nil {
+		t.Fatalf("Exec after the thaw: %v", err)
+	}
+}
