@@ -388,21 +388,35 @@ func TestConnectFailuresAreRetriedQueryErrorsAreNot(t *testing.T) {
 	}
 }
 
-func TestAuthenticationFailureIsOneAttempt(t *testing.T) {
-	p := newPool(t, db.ConnStringAs(db.User(), "not-the-password-0x", ""), fast...)
-	before := db.ConnectionsReceived()
-	err := p.Ping(context.Background())
-	if dialer.Classify(err) != dialer.Permanent {
-		t.Fatalf("err = %v (%v), want a permanent failure", err, dialer.Classify(err))
+func TestAuthenticationFailureAndUnknownDatabaseAreOneAttempt(t *testing.T) {
+	cases := []struct {
+		name, url, sqlstate, says string
+	}{
+		{"wrong password", db.ConnStringAs(db.User(), "not-the-password-0x", ""), "28P01", "password authentication failed"},
+		{"unknown database", db.ConnString("no_such_db_0x"), "3D000", `database "no_such_db_0x" does not exist`},
 	}
-	if s := p.Stats(); s.Establishments != 1 || s.Retries != 0 {
-		t.Errorf("stats = %+v, want exactly one attempt", s)
-	}
-	if got := db.WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
-		t.Errorf("server saw %d connections, want 1", got)
-	}
-	if strings.Contains(err.Error(), "not-the-password-0x") {
-		t.Errorf("error leaks the password: %v", err)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := newPool(t, c.url, fast...)
+			before := db.ConnectionsReceived()
+			err := p.Ping(context.Background())
+			if dialer.Classify(err) != dialer.Permanent {
+				t.Fatalf("err = %v (%v), want a permanent failure", err, dialer.Classify(err))
+			}
+			var pe *pgconn.PgError
+			if !errors.As(err, &pe) || pe.Code != c.sqlstate || !strings.Contains(err.Error(), c.says) {
+				t.Errorf("err = %v, want SQLSTATE %s saying %q", err, c.sqlstate, c.says)
+			}
+			if s := p.Stats(); s.Establishments != 1 || s.Retries != 0 {
+				t.Errorf("stats = %+v, want exactly one attempt", s)
+			}
+			if got := db.WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
+				t.Errorf("server saw %d connections, want 1", got)
+			}
+			if pw := "not-the-password-0x"; strings.Contains(err.Error(), pw) || strings.Contains(err.Error(), db.Password()) {
+				t.Errorf("error leaks a password: %v", err)
+			}
+		})
 	}
 }
 
