@@ -300,7 +300,7 @@ func (d *Dialer) retry(ctx context.Context, attempt int, err error, op func(ctx 
 				slog.Duration("wait", wait),
 				slog.Any("error", err))
 		}
-		start := time.Now()
+		start := d.startWait(waitBackoff)
 		werr := d.sleep(ctx, wait)
 		d.emitWait(ctx, waitBackoff, start, time.Now())
 		if werr != nil {

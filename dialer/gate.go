@@ -223,7 +223,7 @@ func (d *Dialer) waitUntil(e *establishment, t time.Time, kind waitKind) error {
 	if err := d.fits(e, kind, wait, t); err != nil {
 		return err
 	}
-	start := time.Now()
+	start := d.startWait(kind)
 	err := d.sleep(e.wait, wait)
 	d.emitWait(e.ctx, kind, start, time.Now())
 	if err != nil {
@@ -240,7 +240,7 @@ func (d *Dialer) takeSlot(e *establishment) error {
 		return nil
 	default:
 	}
-	start := time.Now()
+	start := d.startWait(waitSlot)
 	defer func() { d.emitWait(e.ctx, waitSlot, start, time.Now()) }()
 	select {
 	case d.slots <- struct{}{}:
@@ -277,6 +277,7 @@ func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 		r.CancelAt(now)
 		return nil, err
 	}
+	d.startWait(waitRate)
 	err = d.sleep(e.wait, wait)
 	d.emitWait(e.ctx, waitRate, now, time.Now())
 	if err != nil {

@@ -339,6 +339,17 @@ func TestWaitsEndOnCancelAndClose(t *testing.T) {
 						t.Fatalf("a caller returned before the end: %v", err)
 					default:
 					}
+					waiting := func() int64 {
+						s := d.Stats()
+						return s.JitterWait.Waiting + s.RateWait.Waiting + s.SlotWait.Waiting + s.BackoffWait.Waiting
+					}
+					want := int64(n)
+					if k.name == "connecting slot" {
+						want-- // one caller holds the slot, connecting
+					}
+					if got := waiting(); got != want {
+						t.Errorf("stats count %d waits under way, want %d", got, want)
+					}
 					start := time.Now()
 					if end == "cancel" {
 						cancel()
@@ -357,6 +368,9 @@ func TestWaitsEndOnCancelAndClose(t *testing.T) {
 					}
 					if got := time.Since(start); got != 0 {
 						t.Errorf("waits ended %v after the %s, want at once", got, end)
+					}
+					if got := waiting(); got != 0 {
+						t.Errorf("stats count %d waits under way after the %s, want 0", got, end)
 					}
 				})
 			})

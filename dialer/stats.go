@@ -27,8 +27,9 @@ type Stats struct {
 
 // WaitStats counts one kind of wait the gate imposed.
 type WaitStats struct {
-	Count int64
-	Total time.Duration
+	Count   int64         // waits that ended
+	Total   time.Duration // ... and their summed length
+	Waiting int64         // waits under way now
 }
 
 // Stats returns a snapshot of the Dialer's counters.
@@ -61,13 +62,21 @@ type counters struct {
 	waits [numWaitKinds]waitCounter
 }
 
-type waitCounter struct{ count, total atomic.Int64 }
+type waitCounter struct{ count, total, waiting atomic.Int64 }
 
+// add records a wait of d that ended; each follows a startWait.
 func (w *waitCounter) add(d time.Duration) {
+	w.waiting.Add(-1)
 	w.count.Add(1)
 	w.total.Add(int64(d))
 }
 
 func (w *waitCounter) load() WaitStats {
-	return WaitStats{Count: w.count.Load(), Total: time.Duration(w.total.Load())}
+	return WaitStats{Count: w.count.Load(), Total: time.Duration(w.total.Load()), Waiting: w.waiting.Load()}
+}
+
+// startWait records that a wait of kind began; [Dialer.emitWait] ends it.
+func (d *Dialer) startWait(kind waitKind) time.Time {
+	d.stats.waits[kind].waiting.Add(1)
+	return time.Now()
 }

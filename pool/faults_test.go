@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
+	"golang.org/x/time/rate"
 
 	"github.com/pgstagger/pgstagger/dialer"
 	"github.com/pgstagger/pgstagger/internal/testdb"
@@ -294,5 +296,96 @@ func TestFrozenPostmasterEndsConnectsAtTheirDeadlines(t *testing.T) {
 	defer cancel()
 	if _, err := p.Exec(ctx, "select 1"); err != nil {
 		t.Fatalf("Exec after the thaw: %v", err)
+	}
+}
+
+func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) {
+	refused := func(t *testing.T) string {
+		// A port with no server: every connect is refused.
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		url := strings.Replace(db.ConnString("", "pool_max_conns=8"), db.Addr(), l.Addr().String(), 1)
+		l.Close()
+		return url
+	}
+	frozen := func(t *testing.T) string {
+		c := ownCluster(t, testdb.Options{})
+		if err := c.Freeze(); err != nil {
+			t.Fatal(err)
+		}
+		return c.ConnString("", "pool_max_conns=8")
+	}
+	drained := rate.NewLimiter(rate.Every(time.Hour), 1)
+	drained.Allow()
+	kinds := []struct {
+		name string
+		url  func(t *testing.T) string
+		opts []Option
+		in   int // callers that get past the gate (into a connect) rather than wait in it
+	}{
+		{"startup jitter", nil, []Option{WithStartupJitter(time.Hour)}, 0},
+		{"rate limit", nil, []Option{WithStartupJitter(0), WithLimiter(drained)}, 0},
+		// One caller's connect hangs on the frozen server; the others wait
+		// for its connecting slot.
+		{"connecting slot", frozen, []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithMaxConnecting(1)}, 1},
+		{"backoff", refused, []Option{WithStartupJitter(0), WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) })}, 0},
+	}
+	for _, k := range kinds {
+		t.Run(k.name, func(t *testing.T) {
+			url := db.ConnString("", "pool_max_conns=8")
+			if k.url != nil {
+				url = k.url(t)
+			}
+			cfg, err := pgxpool.ParseConfig(url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ignore := goleak.IgnoreCurrent()
+			socketsBefore := sockets(t)
+			const n = 5
+			p, err := NewWithConfig(context.Background(), cfg, k.opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			errs := make(chan error, n)
+			for range n {
+				go func() {
+					_, err := p.Exec(context.Background(), "select 1")
+					errs <- err
+				}()
+			}
+			// Every caller is in the gate: in the wait under test, or (k.in
+			// of them) past it, connecting.
+			waiting := func() int64 {
+				s := p.Stats()
+				return s.JitterWait.Waiting + s.RateWait.Waiting + s.SlotWait.Waiting + s.BackoffWait.Waiting
+			}
+			for waiting() < n-int64(k.in) {
+				time.Sleep(time.Millisecond) // polling: the gate signals nothing on entering a wait
+			}
+			start := time.Now()
+			p.Close()
+			for range n {
+				select {
+				case err := <-errs:
+					if !errors.Is(err, ErrClosed) {
+						t.Errorf("err = %v, want ErrClosed", err)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("a caller is still waiting 5s after Close")
+				}
+			}
+			if took := time.Since(start); took > time.Second {
+				t.Errorf("callers returned %v after Close, want promptly", took)
+			}
+			if err := goleak.Find(ignore); err != nil {
+				t.Errorf("goroutines left after Close: %v", err)
+			}
+			if got := sockets(t); got > socketsBefore {
+				t.Errorf("%d sockets open after Close, %d before", got, socketsBefore)
+			}
+		})
 	}
 }

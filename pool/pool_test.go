@@ -420,62 +420,6 @@ func TestAuthenticationFailureAndUnknownDatabaseAreOneAttempt(t *testing.T) {
 	}
 }
 
-func TestCloseUnblocksEveryWaiter(t *testing.T) {
-	kinds := map[string][]Option{
-		"startup jitter": {WithStartupJitter(time.Hour)},
-		"backoff":        {WithStartupJitter(0), WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) })},
-	}
-	for name, opts := range kinds {
-		t.Run(name, func(t *testing.T) {
-			url := db.ConnString("", "pool_max_conns=8")
-			if name == "backoff" {
-				// A port with no server: every connect is refused.
-				l, err := net.Listen("tcp", "127.0.0.1:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				url = strings.Replace(url, db.Addr(), l.Addr().String(), 1)
-				l.Close()
-			}
-			cfg, err := pgxpool.ParseConfig(url)
-			if err != nil {
-				t.Fatal(err)
-			}
-			const n = 5
-			entered := make(chan struct{}, n)
-			cfg.BeforeConnect = func(context.Context, *pgx.ConnConfig) error {
-				entered <- struct{}{}
-				return nil
-			}
-			p, err := NewWithConfig(context.Background(), cfg, opts...)
-			if err != nil {
-				t.Fatal(err)
-			}
-			errs := make(chan error, n)
-			for range n {
-				go func() {
-					_, err := p.Exec(context.Background(), "select 1")
-					errs <- err
-				}()
-			}
-			for range n {
-				<-entered // each caller has begun connecting
-			}
-			p.Close()
-			for range n {
-				select {
-				case err := <-errs:
-					if !errors.Is(err, ErrClosed) {
-						t.Errorf("err = %v, want ErrClosed", err)
-					}
-				case <-time.After(5 * time.Second):
-					t.Fatal("a caller is still waiting after Close")
-				}
-			}
-		})
-	}
-}
-
 func TestUserHooksAndTracerKeepWorking(t *testing.T) {
 	cfg, err := pgxpool.ParseConfig(db.ConnString("", "pool_max_conns=1"))
 	if err != nil {
