@@ -55,6 +55,8 @@ type Dialer struct {
 	until    time.Time       // no new establishment touches the server before this
 	failedAt time.Time       // when the failure that set until was recorded
 
+	hosts *hostHealth // backed-off hosts of multi-host connection strings
+
 	tel     *telemetry
 	forPool bool // set once by bind: installed on a pool's configuration
 
@@ -78,6 +80,7 @@ func New(opts ...Option) (*Dialer, error) {
 		tel:      tel,
 		slots:    make(chan struct{}, cfg.maxConnecting),
 		recovery: cfg.newBackOff(),
+		hosts:    newHostHealth(cfg.newBackOff),
 	}
 	d.closeCtx, d.closeFn = context.WithCancelCause(context.Background())
 	return d, nil
@@ -152,7 +155,7 @@ func (d *Dialer) install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
 		var nd net.Dialer
 		next = nd.DialContext
 	}
-	cfg.DialFunc = d.dialFunc(next)
+	cfg.DialFunc = d.dialFunc(next, hostGroup(&cfg.Config))
 	lookup := cfg.LookupFunc
 	if lookup == nil {
 		lookup = net.DefaultResolver.LookupHost

@@ -29,6 +29,10 @@
 //     the server sent a byte (a postmaster exiting drops the connections it
 //     has not accepted), gives its token back: the server forked nothing
 //     for it;
+//   - per-host backoff for multi-host connection strings (host=a,b): a host
+//     whose dial failed is skipped without a dial, for the retry policy's
+//     next interval, while another host of the list is up, so a dead first
+//     host is not dialed before every connection to the live one;
 //   - a fleet budget that derives the window and the rate from the fleet's
 //     size and what the server should absorb ([WithFleet]).
 //

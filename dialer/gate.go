@@ -492,9 +492,11 @@ func (d *Dialer) logAttrs(e *establishment, class Class, err error) []slog.Attr 
 // plain-text redial, multi-host fallbacks) are taken here. A dial's token is
 // given back when the server forked nothing for it: the dial was refused,
 // or the connection was reset or closed before the server sent a byte (a
-// postmaster exiting drops the connections it had not accepted yet). Dials
-// outside an establishment are CancelRequests: see [cancelConn].
-func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
+// postmaster exiting drops the connections it had not accepted yet). A host
+// of a multi-host connection string whose dial failed is backed off: see
+// [hostHealth]. Dials outside an establishment are CancelRequests: see
+// [cancelConn].
+func (d *Dialer) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		e, _ := ctx.Value(establishmentKey{}).(*establishment)
 		if e == nil || e.ended.Load() {
@@ -505,6 +507,10 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 		}
 		if context.Cause(e.ctx) == ErrClosed {
 			return nil, ErrClosed
+		}
+		if err := d.hosts.skip(group, network, addr, time.Now()); err != nil {
+			d.stats.hostsSkipped.Add(1)
+			return nil, err
 		}
 		e.netStart.CompareAndSwap(0, time.Now().UnixNano())
 		var refund func()
@@ -522,6 +528,9 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc) pgconn.DialFunc {
 		if errors.Is(err, syscall.ECONNREFUSED) {
 			// Nothing listened: the server forked nothing for it.
 			r.giveBack(d)
+		}
+		if err == nil || ctx.Err() == nil {
+			d.hosts.record(group, network, addr, err, time.Now())
 		}
 		r.end, r.err = time.Now(), err
 		if conn != nil {

@@ -408,3 +408,51 @@ func TestSuccessfulConnectsSetTheShedMargin(t *testing.T) {
 		t.Errorf("average connect time %v after one connect that took %v", got, took)
 	}
 }
+
+func TestMultiHostDeadHostIsBackedOffNotHammered(t *testing.T) {
+	// A port with no server, listed first: pgconn tries it on every connect.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := l.Addr().String()
+	l.Close()
+	url := strings.Replace(db.ConnString(""), db.Addr(), dead+","+db.Addr(), 1) + "&target_session_attrs=read-write"
+	cfg, err := ParseConfig(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	dials := map[string]int{}
+	var nd net.Dialer
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dials[addr]++
+		mu.Unlock()
+		return nd.DialContext(ctx, network, addr)
+	}
+	d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1),
+		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 10
+	for range n {
+		c, err := d.Connect(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := c.PgConn().Conn().RemoteAddr().String(); got != db.Addr() {
+			t.Errorf("connected to %s, want the live host %s", got, db.Addr())
+		}
+		c.Close(context.Background())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if dials[dead] != 1 || dials[db.Addr()] != n {
+		t.Errorf("dials = %v, want the dead host once (then backed off for the hour) and the live one %d times", dials, n)
+	}
+	if s := d.Stats(); s.HostsSkipped != n-1 || s.OK != n || s.Retries != 0 {
+		t.Errorf("stats: %d hosts skipped, %d OK, %d retries; want %d, %d, 0", s.HostsSkipped, s.OK, s.Retries, n-1, n)
+	}
+}
