@@ -3,11 +3,13 @@ package pool
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -387,5 +389,170 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 				t.Errorf("%d sockets open after Close, %d before", got, socketsBefore)
 			}
 		})
+	}
+}
+
+func TestRestartUnderLoad(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	cfg, err := pgxpool.ParseConfig(c.ConnString("", "pool_max_conns=4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	type dial struct {
+		at      time.Time
+		refused bool // nothing listened: the server forked nothing
+	}
+	var (
+		mu      sync.Mutex
+		dials   []dial    // every TCP connection attempted, CancelRequests too
+		watchAt time.Time // when non-zero, dials after it are sent on watched
+		nd      net.Dialer
+	)
+	watched := make(chan struct{}, 1000)
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		now := time.Now()
+		conn, err := nd.DialContext(ctx, network, addr)
+		mu.Lock()
+		dials = append(dials, dial{now, errors.Is(err, syscall.ECONNREFUSED)})
+		if !watchAt.IsZero() && now.After(watchAt) {
+			watched <- struct{}{}
+		}
+		mu.Unlock()
+		return conn, err
+	}
+	const rateLimit, burst = 10, 2
+	ignore := []goleak.Option{goleak.IgnoreCurrent(),
+		// The restarted server's log reader and waiter belong to the cluster.
+		goleak.IgnoreAnyFunction("github.com/pgstagger/pgstagger/internal/testdb.(*Cluster).Start.func1"),
+		goleak.IgnoreAnyFunction("github.com/pgstagger/pgstagger/internal/testdb.(*Cluster).Start.func2"),
+	}
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0), WithConnectRate(rateLimit, burst))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+
+	const workers = 8
+	type call struct {
+		start, end time.Time
+		err        error
+	}
+	calls := make(chan call, 100000)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				start := time.Now()
+				_, err := p.Exec(ctx, "select 1")
+				cancel()
+				calls <- call{start, time.Now(), err}
+			}
+		})
+	}
+	for range workers * 10 { // every worker is querying
+		if r := <-calls; r.err != nil {
+			t.Fatalf("before the restart: %v", r.err)
+		}
+	}
+
+	downAt := time.Now()
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// The server is down: let the pool fail to connect a few times.
+	mu.Lock()
+	watchAt = time.Now()
+	mu.Unlock()
+	stopped := watchAt
+	for range 4 {
+		select {
+		case <-watched:
+		case <-time.After(20 * time.Second):
+			t.Fatal("the pool did not try to reconnect while the server was down")
+		}
+	}
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	upAt := time.Now()
+
+	// Run on until every worker has succeeded again, several times.
+	var failed []call
+	for ok := 0; ok < workers*10; {
+		r := <-calls
+		switch {
+		case r.err != nil:
+			failed = append(failed, r)
+		case r.start.After(upAt):
+			ok++
+		}
+	}
+	close(stop)
+	wg.Wait()
+	for len(calls) > 0 {
+		if r := <-calls; r.err != nil {
+			failed = append(failed, r)
+		}
+	}
+
+	// A call that began once the server was down waited for it and
+	// succeeded: its deadline outlasted the outage. A call whose session the
+	// shutdown terminated got that error, not a connect error.
+	for _, f := range failed {
+		var pe *pgconn.PgError
+		var ce *pgconn.ConnectError
+		terminated := (errors.As(f.err, &pe) && pe.Code == "57P01") || // the backend's goodbye
+			errors.Is(f.err, io.ErrUnexpectedEOF) || errors.Is(f.err, io.EOF) || // or the closed socket
+			errors.Is(f.err, syscall.ECONNRESET) || errors.Is(f.err, syscall.EPIPE)
+		if f.start.After(stopped) || !terminated || errors.As(f.err, &ce) {
+			t.Errorf("call began %v after the stop began, ended %v after: %v", f.start.Sub(downAt), f.end.Sub(downAt), f.err)
+		}
+	}
+	// Each connection open at the stop fails at most one caller.
+	if len(failed) > 4 {
+		t.Errorf("%d calls failed, more than the pool's 4 connections", len(failed))
+	}
+
+	// While the server was down and coming back, the dials it could fork for
+	// never outran the bucket: any k consecutive ones span at least
+	// (k-burst)/rate. Refused dials give their token back (nothing was
+	// forked); the backoff paces them instead, far from a tight loop.
+	mu.Lock()
+	var since []time.Time
+	refused := 0
+	for _, d := range dials {
+		switch {
+		case !d.at.After(downAt):
+		case d.refused:
+			refused++
+		default:
+			since = append(since, d.at)
+		}
+	}
+	mu.Unlock()
+	for i := range since {
+		for j := i + burst; j < len(since); j++ {
+			need := time.Duration(float64(j-i+1-burst) / rateLimit * float64(time.Second))
+			if got := since[j].Sub(since[i]); got < need-time.Millisecond {
+				t.Errorf("dials %d..%d after the stop span %v, want at least %v at %d/s with burst %d", i, j, got, need, rateLimit, burst)
+			}
+		}
+	}
+	outage := upAt.Sub(stopped)
+	if most := 2 * (burst + int(rateLimit*outage.Seconds()+1)); refused > most {
+		t.Errorf("%d refused dials in the %v outage, want at most %d", refused, outage, most)
+	}
+	t.Logf("outage %v: %d dials refused, %d answered from the stop on; %d calls failed; stats %+v", outage, refused, len(since), len(failed), p.Stats())
+
+	p.Close()
+	if err := goleak.Find(ignore...); err != nil {
+		t.Errorf("goroutines left after Close: %v", err)
 	}
 }
