@@ -15,8 +15,11 @@
 //
 //	func TestMain(m *testing.M) { testdb.Main(m, &db, testdb.Options{}) }
 //
+// [StartPgBouncer] puts Debian's PgBouncer in front of a cluster.
+//
 // Missing server binaries are an error that names the install command
-// (apt-get install postgresql); they are never a silent skip.
+// (apt-get install postgresql, apt-get install pgbouncer); they are never a
+// silent skip.
 package testdb
 
 import (

@@ -193,6 +193,21 @@ func TestMissingBinariesNameTheInstallCommand(t *testing.T) {
 	}
 }
 
+func TestMissingPgBouncerNamesTheInstallCommand(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	old := pgbouncerSbin
+	pgbouncerSbin = filepath.Join(t.TempDir(), "pgbouncer")
+	defer func() { pgbouncerSbin = old }()
+
+	_, err := StartPgBouncer(&Cluster{}, PgBouncerOptions{})
+	if !errors.Is(err, ErrNoPgBouncer) {
+		t.Fatalf("StartPgBouncer without the binary: err = %v, want ErrNoPgBouncer", err)
+	}
+	if !strings.Contains(err.Error(), "apt-get install -y pgbouncer") {
+		t.Errorf("error %q does not name the install command", err)
+	}
+}
+
 // TestServerDiesWithPanickingTests runs a child test binary that starts a
 // cluster and panics; the postmaster must not outlive it.
 func TestServerDiesWithPanickingTests(t *testing.T) {

@@ -1,0 +1,127 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/internal/testdb"
+)
+
+func startPgBouncer(t *testing.T, c *testdb.Cluster, opts testdb.PgBouncerOptions) *testdb.PgBouncer {
+	t.Helper()
+	b, err := testdb.StartPgBouncer(c, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	return b
+}
+
+func TestPgBouncerTransactionModeWithTheDocumentedExecModes(t *testing.T) {
+	// One server connection behind PgBouncer: every transaction of every
+	// client connection runs on it, in turn.
+	b := startPgBouncer(t, db, testdb.PgBouncerOptions{PoolMode: "transaction", DefaultPoolSize: 1})
+	for _, mode := range []string{"exec", "simple_protocol"} {
+		t.Run(mode, func(t *testing.T) {
+			p := newPool(t, b.ConnString("", "pool_max_conns=4", "default_query_exec_mode="+mode), fast...)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			var wg sync.WaitGroup
+			errs := make(chan error, 40)
+			for i := range 40 {
+				wg.Go(func() {
+					var got int
+					err := p.QueryRow(ctx, "select $1::int + 1", i).Scan(&got)
+					if err == nil && got != i+1 {
+						err = errors.New("wrong answer")
+					}
+					if err == nil {
+						err = pgx.BeginFunc(ctx, p, func(tx pgx.Tx) error {
+							_, err := tx.Exec(ctx, "select $1::text", "in a transaction")
+							return err
+						})
+					}
+					errs <- err
+				})
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				if err != nil {
+					t.Fatalf("through PgBouncer in transaction mode with %s: %v", mode, err)
+				}
+			}
+			if s := p.Stats(); s.OK < 2 || s.Permanent != 0 {
+				t.Errorf("stats %+v: want several connections through the gate, none failing", s)
+			}
+		})
+	}
+}
+
+func TestPgBouncerMaxClientConnIsRetriedLike53300(t *testing.T) {
+	b := startPgBouncer(t, db, testdb.PgBouncerOptions{PoolMode: "transaction", MaxClientConn: 2})
+	ctx := context.Background()
+	var holders []*pgx.Conn
+	for range 2 {
+		h, err := pgx.Connect(ctx, b.ConnString("", "default_query_exec_mode=exec"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		holders = append(holders, h)
+	}
+	t.Cleanup(func() {
+		for _, h := range holders {
+			h.Close(ctx)
+		}
+	})
+
+	const wait = 150 * time.Millisecond
+	cfg, err := pgxpool.ParseConfig(b.ConnString("", "default_query_exec_mode=exec"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := newAttempts()
+	cfg.ConnConfig.Tracer = seen
+	p, err := NewWithConfig(ctx, cfg, WithStartupJitter(0),
+		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(wait) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.Exec(ctx, "select 1")
+		done <- err
+	}()
+	const failures = 3
+	var last time.Time
+	for i := range failures {
+		at := seen.next(t)
+		var pe *pgconn.PgError
+		if !errors.As(at.err, &pe) || pe.Code != "08P01" || !strings.Contains(pe.Message, "max_client_conn") {
+			t.Fatalf("attempt %d: err = %v, want PgBouncer's 08P01 max_client_conn refusal", i+1, at.err)
+		}
+		if c := dialer.Classify(at.err); c != dialer.Transient {
+			t.Errorf("attempt %d: classified %v, want transient", i+1, c)
+		}
+		if i > 0 && at.at.Sub(last) < wait {
+			t.Errorf("attempt %d failed %v after the one before, want at least the backoff's %v", i+1, at.at.Sub(last), wait)
+		}
+		last = at.at
+	}
+	holders[0].Close(ctx) // a client slot frees
+	if err := <-done; err != nil {
+		t.Fatalf("Exec after a client slot freed: %v", err)
+	}
+}
