@@ -279,19 +279,28 @@ func (c *config) plan(warm, dials int) Plan {
 	warm, dials = max(warm, 1), max(dials, 1)
 	p := Plan{StartupWindow: c.window, Rate: c.limit, Burst: c.burst, MaxConnecting: c.maxConnecting, Warm: warm, Dials: dials}
 	if c.fleetSize > 0 {
-		demand := float64(c.fleetSize * warm * dials)
+		demand := float64(c.fleetSize) * float64(warm) * float64(dials)
 		if !c.windowSet {
-			p.StartupWindow = time.Duration(demand / c.fleetBudget * float64(time.Second))
+			p.StartupWindow = saturatingSeconds(demand / c.fleetBudget)
 		}
 		if !c.rateSet {
 			p.Rate = max(rate.Limit(c.fleetBudget/float64(c.fleetSize)), minFleetRate)
-			p.Burst = warm * dials
+			p.Burst = int(min(float64(warm)*float64(dials), math.MaxInt32))
 		}
 	}
 	if c.limiter != nil {
 		p.Rate, p.Burst = c.limiter.Limit(), c.limiter.Burst()
 	}
 	return p
+}
+
+// saturatingSeconds converts s seconds to a Duration, saturating at the
+// longest one instead of overflowing.
+func saturatingSeconds(s float64) time.Duration {
+	if s >= float64(math.MaxInt64)/float64(time.Second) {
+		return math.MaxInt64
+	}
+	return time.Duration(s * float64(time.Second))
 }
 
 // DefaultBackOff is the default retry policy: exponential from 100ms,
