@@ -7,15 +7,19 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/internal/testdb"
 )
 
 // TestPasswordAppearsNowhere runs the success and failure paths with a
@@ -64,15 +68,30 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 	_, err = New(ctx, db.ConnStringAs("keeper", secret, "", "pool_max_conns=none"))
 	errs = append(errs, err)
 
-	var haystack []string
 	for _, e := range errs {
 		if e == nil {
 			t.Fatalf("a failure path succeeded")
 		}
-		haystack = append(haystack, e.Error())
 	}
 	if dialer.Classify(errs[0]) != dialer.Permanent || dialer.Classify(errs[1]) != dialer.Transient || dialer.Classify(errs[2]) != dialer.Shed {
 		t.Errorf("failure paths not as intended: %v", errs)
+	}
+	if !strings.Contains(logs.String(), "28P01") || !strings.Contains(logs.String(), "retrying") {
+		t.Errorf("the failure paths were not logged:\n%s", logs.String())
+	}
+	assertNowhere(t, env, &logs, errs, secret, wrong)
+}
+
+// assertNowhere searches errs, every span env recorded (names, status,
+// attributes, events, links), every metric attribute and the log for each
+// secret, as it is and URL-escaped.
+func assertNowhere(t *testing.T, env otelEnv, logs *bytes.Buffer, errs []error, secrets ...string) {
+	t.Helper()
+	var haystack []string
+	for _, e := range errs {
+		if e != nil {
+			haystack = append(haystack, e.Error())
+		}
 	}
 	for _, s := range env.Spans.Ended() {
 		haystack = append(haystack, s.Name(), s.Status().Description)
@@ -86,7 +105,7 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 		}
 	}
 	var rm metricdata.ResourceMetrics
-	if err := env.Reader.Collect(ctx, &rm); err != nil {
+	if err := env.Reader.Collect(context.Background(), &rm); err != nil {
 		t.Fatal(err)
 	}
 	for _, sm := range rm.ScopeMetrics {
@@ -95,13 +114,12 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 		}
 	}
 	haystack = append(haystack, logs.String())
-	if !strings.Contains(logs.String(), "28P01") || !strings.Contains(logs.String(), "retrying") {
-		t.Errorf("the failure paths were not logged:\n%s", logs.String())
-	}
-	for _, needle := range []string{secret, wrong, url.QueryEscape(secret), url.QueryEscape(wrong)} {
-		for _, h := range haystack {
-			if strings.Contains(h, needle) {
-				t.Errorf("a password appears in %q", h)
+	for _, secret := range secrets {
+		for _, needle := range []string{secret, url.QueryEscape(secret)} {
+			for _, h := range haystack {
+				if strings.Contains(h, needle) {
+					t.Errorf("a password appears in %q", h)
+				}
 			}
 		}
 	}
@@ -136,4 +154,118 @@ func metricAttrStrings(m metricdata.Metrics) []string {
 		out = append(out, attrStrings(s.ToSlice())...)
 	}
 	return out
+}
+
+// TestPasswordAppearsNowhereOnFaultPaths runs the fault paths of the fault
+// tests against a TLS cluster of its own and searches their errors, spans,
+// metric attributes and log lines for the passwords.
+func TestPasswordAppearsNowhereOnFaultPaths(t *testing.T) {
+	const limitedPW = "L1mited-s3cret-pw-58"
+	c := ownCluster(t, testdb.Options{TLS: true, Password: "Cl0ster-s3cret-pw-77"})
+	ctx := context.Background()
+	if err := c.Exec(ctx, fmt.Sprintf(`create role limited login password '%s' connection limit 0`, limitedPW)); err != nil {
+		t.Fatal(err)
+	}
+	env := newOtelEnv(t)
+	var logs bytes.Buffer
+	opts := append(env.opts(), WithStartupJitter(0),
+		WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))),
+		WithBackOff(func() backoff.BackOff {
+			return backoff.WithMaxRetries(backoff.NewConstantBackOff(20*time.Millisecond), 2)
+		}))
+	var errs []error
+	try := func(name string, class dialer.Class, err error) {
+		t.Helper()
+		if got := dialer.Classify(err); got != class {
+			t.Errorf("%s: err = %v (%v), want %v", name, err, got, class)
+		}
+		errs = append(errs, err)
+	}
+
+	// Unknown database: one attempt.
+	try("unknown database", dialer.Permanent, newPool(t, c.ConnString("no_such_db"), opts...).Ping(ctx))
+	// Too many connections (53300): retried, then given up.
+	try("53300", dialer.Transient, newPool(t, c.ConnStringAs("limited", limitedPW, ""), opts...).Ping(ctx))
+	// Wrong CA: one attempt.
+	otherCA, _, _, err := testdb.GenerateCerts(time.Now(), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile := filepath.Join(t.TempDir(), "other-ca.pem")
+	if err := os.WriteFile(caFile, otherCA, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	wrongCA := strings.Replace(c.ConnString(""), url.QueryEscape(c.CAFile()), url.QueryEscape(caFile), 1)
+	try("wrong CA", dialer.Permanent, newPool(t, wrongCA, opts...).Ping(ctx))
+	// PgBouncer's max_client_conn (08P01): retried, then given up.
+	b := startPgBouncer(t, c, testdb.PgBouncerOptions{MaxClientConn: 1})
+	holder, err := pgx.Connect(ctx, b.ConnString("", "default_query_exec_mode=exec"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	try("max_client_conn", dialer.Transient, newPool(t, b.ConnString("", "default_query_exec_mode=exec"), opts...).Ping(ctx))
+	holder.Close(ctx)
+	// Close during a wait.
+	waiting := newPool(t, c.ConnString(""), append(opts, WithStartupJitter(time.Hour))...)
+	closed := make(chan error, 1)
+	go func() { closed <- waiting.Ping(ctx) }()
+	for waiting.Stats().JitterWait.Waiting == 0 {
+		time.Sleep(time.Millisecond) // polling: the gate signals nothing on entering a wait
+	}
+	waiting.Close()
+	try("closed", dialer.Closed, <-closed)
+	// Multi-host with a dead host first: served by the live one.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	multi := strings.Replace(c.ConnString(""), c.Addr(), l.Addr().String()+","+c.Addr(), 1)
+	l.Close()
+	mp := newPool(t, multi, opts...)
+	for range 3 {
+		cn, err := mp.Acquire(ctx)
+		if err != nil {
+			t.Fatalf("multi-host: %v", err)
+		}
+		cn.Conn().Close(ctx) // the next Acquire connects again
+		cn.Release()
+	}
+	// Frozen postmaster: connects end at connect_timeout, then at the
+	// caller's deadline.
+	if err := c.Freeze(); err != nil {
+		t.Fatal(err)
+	}
+	fctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
+	try("frozen", dialer.Transient, newPool(t, c.ConnString("", "connect_timeout=1"), opts...).Ping(fctx))
+	cancel()
+	if err := c.Thaw(); err != nil {
+		t.Fatal(err)
+	}
+	// Crash: 57P03 while it recovers, retried until it is up.
+	recovering := newPool(t, c.ConnString(""), append(opts, WithBackOff(func() backoff.BackOff {
+		return backoff.NewConstantBackOff(50 * time.Millisecond)
+	}))...)
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SlowRecovery(300 * time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan error, 1)
+	go func() { started <- c.Start() }()
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := recovering.Ping(rctx); err != nil {
+		t.Fatalf("through the crash: %v", err)
+	}
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+
+	for _, code := range []string{"3D000", "53300", "08P01", "57P03", "certificate"} {
+		if !strings.Contains(logs.String(), code) {
+			t.Errorf("no log line mentions %s: the path did not run as intended", code)
+		}
+	}
+	assertNowhere(t, env, &logs, errs, c.Password(), limitedPW)
 }

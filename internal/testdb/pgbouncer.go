@@ -127,12 +127,21 @@ func StartPgBouncer(c *Cluster, opts PgBouncerOptions) (*PgBouncer, error) {
 		return nil, fmt.Errorf("testdb: start pgbouncer: %w", err)
 	}
 	b := &PgBouncer{c: c, dir: dir, port: port, cmd: cmd, exited: make(chan struct{}), logBuf: &ringLog{max: 200}}
+	// Ready once it logs "process up", after binding its port. (A probe
+	// connection would take one of a small max_client_conn until PgBouncer
+	// noticed it closed.)
+	up := make(chan struct{})
 	logDone := make(chan struct{})
 	go func() {
 		defer close(logDone)
 		sc := bufio.NewScanner(stderr)
+		seen := false
 		for sc.Scan() {
 			b.logBuf.add(sc.Text())
+			if !seen && strings.Contains(sc.Text(), "process up") {
+				seen = true
+				close(up)
+			}
 		}
 	}()
 	go func() {
@@ -140,29 +149,22 @@ func StartPgBouncer(c *Cluster, opts PgBouncerOptions) (*PgBouncer, error) {
 		_ = cmd.Wait()
 		close(b.exited)
 	}()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		conn, err := net.DialTimeout("tcp", b.Addr(), time.Second)
-		if err == nil {
-			conn.Close()
-			return b, nil
-		}
-		select {
-		case <-b.exited:
-			return nil, fmt.Errorf("testdb: pgbouncer exited during startup\n%s", b.logBuf.String())
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			b.Close()
-			return nil, fmt.Errorf("testdb: pgbouncer not accepting connections after 10s\n%s", b.logBuf.String())
-		}
+	select {
+	case <-up:
+		return b, nil
+	case <-b.exited:
+		return nil, fmt.Errorf("testdb: pgbouncer exited during startup\n%s", b.logBuf.String())
+	case <-time.After(10 * time.Second):
+		b.Close()
+		return nil, fmt.Errorf("testdb: pgbouncer not up after 10s\n%s", b.logBuf.String())
 	}
 }
 
 // Addr is PgBouncer's host:port.
 func (b *PgBouncer) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(b.port)) }
 
-// ConnString is [Cluster.ConnString] through PgBouncer.
+// ConnString is [Cluster.ConnString] through PgBouncer, in plain text
+// (PgBouncer is not given a certificate, whether or not the cluster has one).
 func (b *PgBouncer) ConnString(dbname string, params ...string) string {
 	s := b.c.ConnString(dbname, params...)
 	u, err := url.Parse(s)
@@ -170,6 +172,10 @@ func (b *PgBouncer) ConnString(dbname string, params ...string) string {
 		return s // ConnString builds a valid URL
 	}
 	u.Host = b.Addr()
+	q := u.Query()
+	q.Set("sslmode", "disable")
+	q.Del("sslrootcert")
+	u.RawQuery = q.Encode()
 	return u.String()
 }
 
