@@ -21,25 +21,42 @@ import (
 // nothing, yet costs the postmaster a fork; at a server restart every
 // process of a fleet sends one at the same moment. cancelConn answers it
 // itself when it is sent in plain text (over TLS the first write is the
-// SSLRequest, and the request cannot be seen). Every other request is
-// dialed, charged to the bucket without waiting, and passed on; a refused
-// dial gives its token back.
+// SSLRequest, and the request cannot be seen).
+//
+// Every other request is a fork like any connection, and pgx sends one for
+// every query whose context ends (pgx issue #1780): a stall that times out
+// many queries at once becomes a storm of them. So it takes a token from the
+// bucket, waiting for one as long as its context allows (pgx gives the
+// cancel it sends when closing a connection 15s); a wait that cannot end
+// before that deadline is not begun, and the request is not sent
+// (Stats.CancelsShed). It is not shed earlier, as a connect is: a cancel
+// needs no time after its dial but to write 16 bytes. A refused dial gives
+// its token back.
 //
 // pgconn uses a cancelConn from one goroutine, except that its context
-// watcher may set deadlines from another: mu serializes them.
+// watcher may set deadlines from another: mu serializes them, and the wait
+// for the token and the dial happen outside it, so that Close and the
+// deadline setters never wait for them.
 type cancelConn struct {
 	d             *Dialer
-	ctx           context.Context
+	ctx           context.Context // the request's: ended by Close too
+	stop          context.CancelFunc
 	next          pgconn.DialFunc
 	network, addr string
+	dialOnce      sync.Once
 
 	mu      sync.Mutex
 	dialed  bool      // the dial was made (conn or dialErr is its result)
 	conn    net.Conn  // the dialed connection
-	dialErr error     // the dial's error
+	dialErr error     // the dial's error, or why no dial was made
 	skipped bool      // a keyless request, answered here
 	closed  bool      // Close was called
 	rd, wd  time.Time // deadlines set before the dial
+}
+
+func newCancelConn(d *Dialer, ctx context.Context, next pgconn.DialFunc, network, address string) *cancelConn {
+	ctx, stop := context.WithCancel(ctx)
+	return &cancelConn{d: d, ctx: ctx, stop: stop, next: next, network: network, addr: address}
 }
 
 // cancelRequestCode is the protocol's CancelRequest code; the message is
@@ -53,33 +70,43 @@ func keylessCancel(b []byte) bool {
 		binary.BigEndian.Uint32(b[8:12]) == 0
 }
 
-// dial opens the real connection; c.mu is held.
-func (c *cancelConn) dial() error {
-	if c.dialed {
-		return c.dialErr
+// connect takes a token and dials, once; c.mu must not be held.
+func (c *cancelConn) connect() (net.Conn, error) {
+	c.dialOnce.Do(func() {
+		var conn net.Conn
+		refund, err := c.d.cancelToken(c.ctx)
+		if err == nil {
+			c.d.stats.cancelDials.Add(1)
+			conn, err = c.next(c.ctx, c.network, c.addr)
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				// Nothing listened: as for an establishment's dial.
+				refund()
+				c.d.stats.refunds.Add(1)
+			}
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.dialed, c.conn, c.dialErr = true, conn, err
+		if conn == nil {
+			return
+		}
+		if c.closed {
+			_ = conn.Close()
+			return
+		}
+		if !c.rd.IsZero() {
+			_ = conn.SetReadDeadline(c.rd)
+		}
+		if !c.wd.IsZero() {
+			_ = conn.SetWriteDeadline(c.wd)
+		}
+	})
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, net.ErrClosed
 	}
-	c.dialed = true
-	c.d.stats.cancelDials.Add(1)
-	now := time.Now()
-	r := c.d.limiter.ReserveN(now, 1)
-	conn, err := c.next(c.ctx, c.network, c.addr)
-	if errors.Is(err, syscall.ECONNREFUSED) {
-		// Nothing listened: as for an establishment's dial.
-		r.CancelAt(now)
-		c.d.stats.refunds.Add(1)
-	}
-	if err != nil {
-		c.dialErr = err
-		return err
-	}
-	c.conn = conn
-	if !c.rd.IsZero() {
-		_ = conn.SetReadDeadline(c.rd)
-	}
-	if !c.wd.IsZero() {
-		_ = conn.SetWriteDeadline(c.wd)
-	}
-	return nil
+	return c.conn, c.dialErr
 }
 
 func (c *cancelConn) Write(b []byte) (int, error) {
@@ -98,9 +125,8 @@ func (c *cancelConn) Write(b []byte) (int, error) {
 		c.mu.Unlock()
 		return 0, net.ErrClosed
 	}
-	err := c.dial()
-	conn := c.conn
 	c.mu.Unlock()
+	conn, err := c.connect()
 	if err != nil {
 		return 0, err
 	}
@@ -118,9 +144,8 @@ func (c *cancelConn) Read(b []byte) (int, error) {
 		c.mu.Unlock()
 		return 0, io.EOF
 	}
-	err := c.dial()
-	conn := c.conn
 	c.mu.Unlock()
+	conn, err := c.connect()
 	if err != nil {
 		return 0, err
 	}
@@ -128,6 +153,7 @@ func (c *cancelConn) Read(b []byte) (int, error) {
 }
 
 func (c *cancelConn) Close() error {
+	c.stop() // ends a wait for the token
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {

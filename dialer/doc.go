@@ -12,10 +12,12 @@
 //   - a token bucket (golang.org/x/time/rate) on new TCP connections, counted
 //     per connection the server forks for: multi-host fallbacks and
 //     sslmode=prefer's second dial take a token each ([WithConnectRate],
-//     [WithLimiter]). CancelRequest connections are charged but never wait,
-//     so a cancel is never starved. The CancelRequest pgx sends for process
-//     ID 0 whenever a connect fails before the server named its backend
-//     cancels nothing: sent in plain text, it is answered without a
+//     [WithLimiter]). CancelRequest connections take a token too, waiting
+//     for it up to their own deadline: pgx opens one for every query whose
+//     context ends, and a stall that times out many queries at once must
+//     not become a stampede of cancels. The CancelRequest pgx sends for
+//     process ID 0 whenever a connect fails before the server named its
+//     backend cancels nothing: sent in plain text, it is answered without a
 //     connection;
 //   - at most n establishments in flight ([WithMaxConnecting]);
 //   - retries of transient failures with backoff and full jitter

@@ -191,9 +191,9 @@ func (d *Dialer) admit(e *establishment, c *caller) error {
 		return err
 	}
 	if d.failing.Load() {
-		// The bucket may still be empty after the recovery delay
-		// (CancelRequests borrowed from it since the failure). A fleet
-		// that failed together borrowed together, and its buckets
+		// The bucket may still be empty after the recovery delay (the
+		// dials and CancelRequests of the failure took its tokens). A
+		// fleet that failed together spent together, and its buckets
 		// refill together: spread from the refill, as from the failure.
 		now := time.Now()
 		if d.nextToken(now).After(now) {
@@ -283,6 +283,37 @@ func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 	if err != nil {
 		r.Cancel()
 		return nil, d.waitError(e, waitRate, wait)
+	}
+	return refund, nil
+}
+
+// cancelToken takes a token for a CancelRequest, waiting for it until ctx
+// ends (see [cancelConn]); a wait that cannot end before ctx's deadline is
+// not begun. refund gives the token back.
+func (d *Dialer) cancelToken(ctx context.Context) (refund func(), err error) {
+	now := time.Now()
+	r := d.limiter.ReserveN(now, 1)
+	if !r.OK() {
+		return nil, ErrInvalidOption // burst 0: validated away in New
+	}
+	wait := r.DelayFrom(now)
+	act := now.Add(wait)
+	refund = func() { r.CancelAt(act) }
+	if wait == 0 {
+		return refund, nil
+	}
+	if dl, ok := ctx.Deadline(); ok && dl.Before(act) {
+		r.CancelAt(now)
+		d.stats.cancelsShed.Add(1)
+		return nil, &shedError{wait: waitNames[waitRate], need: wait, left: time.Until(dl)}
+	}
+	start := d.startWait(waitRate)
+	err = d.sleep(ctx, wait)
+	d.emitWait(ctx, waitRate, start, time.Now())
+	if err != nil {
+		r.Cancel()
+		d.stats.cancelsShed.Add(1)
+		return nil, err
 	}
 	return refund, nil
 }
@@ -500,7 +531,7 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		e, _ := ctx.Value(establishmentKey{}).(*establishment)
 		if e == nil || e.ended.Load() {
-			return &cancelConn{d: d, ctx: ctx, next: next, network: network, addr: addr}, nil
+			return newCancelConn(d, ctx, next, network, addr), nil
 		}
 		if e.refused != nil {
 			return nil, e.refused

@@ -468,32 +468,71 @@ func cancelRequest(pid uint32) []byte {
 // drain reads what the client sends until it closes.
 func drain(server net.Conn) { _, _ = io.Copy(io.Discard, server) }
 
-func TestCancelRequestsNeverWaitForTheBucket(t *testing.T) {
+func TestCancelRequestsWaitForTheBucketWithinTheirDeadline(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{serve: drain}
 		lim := rate.NewLimiter(1, 1)
 		d, cfg := fakeInstalled(t, f, WithLimiter(lim))
-		lim.Allow() // the bucket is empty
-		// A dial outside any establishment is a CancelRequest.
+		lim.Allow() // the bucket is empty: the next token comes in 1s
+		msg := append(cancelRequest(42), 0, 0, 0, 7)
+		cancelWithin := func(deadline time.Duration) error {
+			ctx, cancel := context.WithTimeout(context.Background(), deadline)
+			defer cancel()
+			// A dial outside any establishment is a CancelRequest.
+			conn, err := cfg.DialFunc(ctx, "tcp", "127.0.0.1:5432")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			_, err = conn.Write(msg)
+			return err
+		}
+
+		// A deadline the wait cannot fit: not sent, and at once.
 		start := time.Now()
-		conn, err := cfg.DialFunc(context.Background(), "tcp", "127.0.0.1:5432")
+		err := cancelWithin(500 * time.Millisecond)
+		if !errors.Is(err, ErrShed) || !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("err = %v, want ErrShed and context.DeadlineExceeded", err)
+		}
+		if got := time.Since(start); got != 0 {
+			t.Errorf("the unsendable cancel took %v, want an answer at once", got)
+		}
+		if s := d.Stats(); s.CancelsShed != 1 || s.CancelDials != 0 || f.count() != 0 || s.Shed != 0 {
+			t.Errorf("stats %+v, server saw %d dials: want one cancel shed, no dial, no establishment shed", s, f.count())
+		}
+
+		// A deadline it fits: sent when the token comes.
+		if err := cancelWithin(5 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if got := time.Since(start); got != time.Second {
+			t.Errorf("cancel sent after %v, want when the token came (1s)", got)
+		}
+		if s := d.Stats(); s.CancelDials != 1 || f.count() != 1 || s.RateWait.Count != 1 {
+			t.Errorf("stats %+v, server saw %d dials: want one cancel dial after one rate wait", s, f.count())
+		}
+		// It took the token: no debt.
+		if tokens := lim.Tokens(); tokens < -0.01 || tokens > 0.01 {
+			t.Errorf("bucket holds %.2f tokens, want 0 after the cancel took the one that came", tokens)
+		}
+
+		// Closing the connection ends its wait, and gives the token back.
+		lim.Allow()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
+		defer cancel()
+		conn, err := cfg.DialFunc(ctx, "tcp", "127.0.0.1:5432")
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer conn.Close()
-		msg := append(cancelRequest(42), 0, 0, 0, 7)
-		if _, err := conn.Write(msg); err != nil {
-			t.Fatal(err)
+		wrote := make(chan error, 1)
+		go func() { _, err := conn.Write(msg); wrote <- err }()
+		synctest.Wait() // the write is waiting for the token
+		conn.Close()
+		if err := <-wrote; err == nil {
+			t.Error("a write whose connection closed while it waited succeeded")
 		}
-		if got := time.Since(start); got != 0 {
-			t.Errorf("cancel dial waited %v", got)
-		}
-		if s := d.Stats(); s.CancelDials != 1 || f.count() != 1 {
-			t.Errorf("cancel dials = %d (server saw %d), want 1", s.CancelDials, f.count())
-		}
-		// It was charged: the bucket is a token further in debt.
-		if tokens := lim.Tokens(); tokens > -0.99 {
-			t.Errorf("bucket holds %.2f tokens, want about -1 after charging the cancel", tokens)
+		if s := d.Stats(); s.CancelDials != 1 || s.CancelsShed != 2 {
+			t.Errorf("stats %+v: want the closed cancel shed, not dialed", s)
 		}
 	})
 }

@@ -349,8 +349,9 @@ func TestUserHooksKeepWorking(t *testing.T) {
 	}
 }
 
-func TestCancelRequestNotStarvedByEmptyBucket(t *testing.T) {
-	lim := rate.NewLimiter(rate.Every(time.Hour), 1)
+func TestCancelRequestWaitsForItsTokenThenCancels(t *testing.T) {
+	const every = 600 * time.Millisecond
+	lim := rate.NewLimiter(rate.Every(every), 1)
 	d, err := New(WithStartupJitter(0), WithLimiter(lim))
 	if err != nil {
 		t.Fatal(err)
@@ -369,21 +370,22 @@ func TestCancelRequestNotStarvedByEmptyBucket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	connected := time.Now()
 	defer c.Close(context.Background())
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	start := time.Now()
 	_, err = c.Exec(ctx, "select pg_sleep(30)")
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || pgErr.Code != "57014" {
 		t.Fatalf("err = %v, want the query cancelled by the server (57014)", err)
 	}
-	// Without the CancelRequest only the 20s socket deadline would end it.
-	if elapsed := time.Since(start); elapsed > 10*time.Second {
-		t.Errorf("cancel took %v", elapsed)
+	// The cancel waited for the next token; without it only the 20s socket
+	// deadline would have ended the query.
+	if elapsed := time.Since(connected); elapsed < every-50*time.Millisecond || elapsed > 10*time.Second {
+		t.Errorf("query cancelled %v after the connect took the token, want after the next one (%v)", elapsed, every)
 	}
-	if s := d.Stats(); s.CancelDials != 1 {
-		t.Errorf("cancel dials = %d, want 1", s.CancelDials)
+	if s := d.Stats(); s.CancelDials != 1 || s.RateWait.Count != 1 || s.CancelsShed != 0 {
+		t.Errorf("stats %+v: want one cancel dial after one rate wait", s)
 	}
 }
 

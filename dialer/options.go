@@ -116,8 +116,9 @@ func WithStartupJitter(window time.Duration) Option {
 
 // WithConnectRate limits new TCP connections to r per second with bursts of
 // up to burst, using a token bucket of its own. Every TCP connection the
-// server forks a backend for takes a token: multi-host fallbacks and
-// sslmode=prefer's second dial included. rate.Inf turns the limit off.
+// server forks a backend for takes a token: multi-host fallbacks,
+// sslmode=prefer's second dial and CancelRequests included. rate.Inf turns
+// the limit off.
 // Default [DefaultConnectRate] (20/s), burst [DefaultConnectBurst] (4).
 func WithConnectRate(r rate.Limit, burst int) Option {
 	return optionFunc(func(c *config) {

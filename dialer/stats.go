@@ -18,6 +18,7 @@ type Stats struct {
 	Refunds        int64 // ... and CancelRequests the server forked nothing for (refused, or dropped unanswered): their tokens were given back
 	CancelDials    int64 // TCP connections opened for CancelRequests
 	CancelsSkipped int64 // plain-text CancelRequests for process ID 0 (pgx sends one when a connect fails), answered without a connection
+	CancelsShed    int64 // CancelRequests not sent: no token before their deadline, or their wait ended (Close)
 	HostsSkipped   int64 // dials not made to a backed-off host of a multi-host connection string while another host was up
 
 	JitterWait  WaitStats // startup jitter
@@ -49,6 +50,7 @@ func (d *Dialer) Stats() Stats {
 		CancelDials:    s.cancelDials.Load(),
 		CancelsSkipped: s.cancelsSkipped.Load(),
 		HostsSkipped:   s.hostsSkipped.Load(),
+		CancelsShed:    s.cancelsShed.Load(),
 		JitterWait:     s.waits[waitJitter].load(),
 		RateWait:       s.waits[waitRate].load(),
 		SlotWait:       s.waits[waitSlot].load(),
@@ -59,7 +61,7 @@ func (d *Dialer) Stats() Stats {
 type counters struct {
 	establishments, ok, transient, permanent, closedCount atomic.Int64
 	shed, retries, dials, refunds, cancelDials            atomic.Int64
-	cancelsSkipped, hostsSkipped                          atomic.Int64
+	cancelsSkipped, hostsSkipped, cancelsShed             atomic.Int64
 
 	waits [numWaitKinds]waitCounter
 }

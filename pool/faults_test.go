@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -555,4 +556,121 @@ func TestRestartUnderLoad(t *testing.T) {
 	if err := goleak.Find(ignore...); err != nil {
 		t.Errorf("goroutines left after Close: %v", err)
 	}
+}
+
+func TestCancelStormStaysWithinTheBudgetAndQueriesStillCancel(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	ctx := context.Background()
+	if err := c.Exec(ctx, "create table stalled (x int)"); err != nil {
+		t.Fatal(err)
+	}
+	// The stall: a transaction holds the table, every query on it waits.
+	holder, err := pgx.Connect(ctx, c.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close(ctx)
+	tx, err := holder.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, "lock table stalled in access exclusive mode"); err != nil {
+		t.Fatal(err)
+	}
+	waiters := func() int {
+		var n int
+		if err := holder.QueryRow(ctx, `select count(*) from pg_stat_activity
+			where wait_event_type = 'Lock' and query like '%from stalled%'`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	const n, rateLimit, burst = 20, 10, 2
+	cfg, err := pgxpool.ParseConfig(c.ConnString("", fmt.Sprintf("pool_max_conns=%d", n)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu    sync.Mutex
+		dials []time.Time
+		nd    net.Dialer
+	)
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dials = append(dials, time.Now())
+		mu.Unlock()
+		return nd.DialContext(ctx, network, addr)
+	}
+	p, err := NewWithConfig(ctx, cfg, WithStartupJitter(0), WithConnectRate(rateLimit, burst))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	// Open the n connections first (at the bucket's pace), so that the storm
+	// is the cancels alone.
+	var conns []*pgxpool.Conn
+	for range n {
+		cn, err := p.Acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, cn)
+	}
+	for _, cn := range conns {
+		cn.Release()
+	}
+
+	mu.Lock()
+	stormAt := time.Now()
+	mu.Unlock()
+	const deadline = 300 * time.Millisecond
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			qctx, cancel := context.WithTimeout(ctx, deadline)
+			defer cancel()
+			start := time.Now()
+			_, err := p.Exec(qctx, "select count(*) from stalled")
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("stalled query: err = %v, want context.DeadlineExceeded", err)
+			}
+			if took := time.Since(start); took > deadline+time.Second {
+				t.Errorf("stalled query returned after %v, want at its %v deadline", took, deadline)
+			}
+		})
+	}
+	wg.Wait()
+
+	// pgx cancels each timed-out query with a CancelRequest on a new
+	// connection; every one is sent, at the bucket's pace, and every
+	// waiting query ends while the lock is still held.
+	end := time.Now().Add(15 * time.Second)
+	for p.Stats().CancelDials < n || waiters() > 0 {
+		if time.Now().After(end) {
+			t.Fatalf("15s after the storm: %d cancel dials, %d queries still waiting; stats %+v", p.Stats().CancelDials, waiters(), p.Stats())
+		}
+		time.Sleep(20 * time.Millisecond) // polling: the server signals nothing
+	}
+	mu.Lock()
+	var storm []time.Time
+	for _, d := range dials {
+		if d.After(stormAt) {
+			storm = append(storm, d)
+		}
+	}
+	mu.Unlock()
+	for i := range storm {
+		for j := i + burst; j < len(storm); j++ {
+			need := time.Duration(float64(j-i+1-burst) / rateLimit * float64(time.Second))
+			if got := storm[j].Sub(storm[i]); got < need-time.Millisecond {
+				t.Errorf("dials %d..%d of the storm span %v, want at least %v at %d/s with burst %d", i, j, got, need, rateLimit, burst)
+			}
+		}
+	}
+	if s := p.Stats(); s.CancelsShed != 0 {
+		t.Errorf("%d cancels not sent; stats %+v", s.CancelsShed, s)
+	}
+	t.Logf("%d dials in the storm over %v; stats %+v", len(storm), storm[len(storm)-1].Sub(stormAt), p.Stats())
 }

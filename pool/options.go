@@ -70,8 +70,9 @@ func WithStartupJitter(window time.Duration) Option {
 // WithConnectRate limits the pool to r new TCP connections per second with
 // bursts of burst, counting every connection the server forks a backend
 // for (multi-host fallbacks and sslmode=prefer's second dial included).
-// CancelRequest connections are counted but never wait. Default 20/s,
-// burst 4 ([dialer.DefaultConnectRate], [dialer.DefaultConnectBurst]).
+// CancelRequest connections take a token too, waiting for it up to their
+// own deadline. Default 20/s, burst 4 ([dialer.DefaultConnectRate],
+// [dialer.DefaultConnectBurst]).
 func WithConnectRate(r rate.Limit, burst int) Option {
 	return gate(dialer.WithConnectRate(r, burst))
 }
