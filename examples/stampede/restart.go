@@ -32,7 +32,7 @@ type restartResult struct {
 }
 
 // gateCounts sums the fleet's pgstagger gate statistics.
-type gateCounts struct{ refunds, cancelsSkipped, cancelDials int64 }
+type gateCounts struct{ refunds, cancelsSkipped, cancelDials, cancelsShed int64 }
 
 // countGates sums the Stats of pools that are pgstagger's, or returns nil.
 func countGates(pools []workerPool) *gateCounts {
@@ -49,6 +49,7 @@ func countGates(pools []workerPool) *gateCounts {
 		g.refunds += s.Refunds
 		g.cancelsSkipped += s.CancelsSkipped
 		g.cancelDials += s.CancelDials
+		g.cancelsShed += s.CancelsShed
 	}
 	return g
 }
@@ -115,11 +116,11 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		}
 		return fmt.Sprint(r.gate.refunds)
 	})
-	row("cancels dialed / skipped (process 0)", func(r restartResult) string {
+	row("cancels dialed / skipped (process 0) / not sent", func(r restartResult) string {
 		if r.gate == nil {
 			return "-"
 		}
-		return fmt.Sprintf("%d / %d", r.gate.cancelDials, r.gate.cancelsSkipped)
+		return fmt.Sprintf("%d / %d / %d", r.gate.cancelDials, r.gate.cancelsSkipped, r.gate.cancelsShed)
 	})
 	fmt.Fprintln(out, "\ndials per second since the restart began (second:count):")
 	for _, r := range results {
@@ -292,6 +293,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 			refunds:        after.refunds - before.refunds,
 			cancelsSkipped: after.cancelsSkipped - before.cancelsSkipped,
 			cancelDials:    after.cancelDials - before.cancelDials,
+			cancelsShed:    after.cancelsShed - before.cancelsShed,
 		}
 	}
 	for i := range firstOK {
