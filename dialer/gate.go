@@ -260,6 +260,35 @@ func (d *Dialer) takeSlot(e *establishment) error {
 // the wait cannot end before the caller's deadline. refund gives the token
 // back, for a dial that turned out to cost the server nothing.
 func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
+	return d.token(e.wait, e.ctx,
+		func(need time.Duration, at time.Time) error { return d.fits(e, waitRate, need, at) },
+		func(need time.Duration, _ error) error { return d.waitError(e, waitRate, need) })
+}
+
+// cancelToken takes a token for a CancelRequest, waiting for it until ctx
+// ends (see [cancelConn]); a wait that cannot end before ctx's deadline is
+// not begun. refund gives the token back.
+func (d *Dialer) cancelToken(ctx context.Context) (refund func(), err error) {
+	return d.token(ctx, ctx,
+		func(need time.Duration, at time.Time) error {
+			if dl, ok := ctx.Deadline(); ok && dl.Before(at) {
+				d.stats.cancelsShed.Add(1)
+				return &shedError{wait: waitNames[waitRate], need: need, left: time.Until(dl)}
+			}
+			return nil
+		},
+		func(_ time.Duration, err error) error {
+			d.stats.cancelsShed.Add(1)
+			return err
+		})
+}
+
+// token takes one token from the bucket, waiting for it until ctx ends
+// (the wait's span and metric go under spanCtx) unless fits refuses a wait
+// of need ending at at; ended turns the error of a wait that ended early
+// into the one returned. refund gives the token back.
+func (d *Dialer) token(ctx, spanCtx context.Context, fits func(need time.Duration, at time.Time) error,
+	ended func(need time.Duration, err error) error) (refund func(), err error) {
 	now := time.Now()
 	r := d.limiter.ReserveN(now, 1)
 	if !r.OK() {
@@ -273,47 +302,16 @@ func (d *Dialer) takeToken(e *establishment) (refund func(), err error) {
 	if wait == 0 {
 		return refund, nil
 	}
-	if err := d.fits(e, waitRate, wait, act); err != nil {
+	if err := fits(wait, act); err != nil {
 		r.CancelAt(now)
 		return nil, err
-	}
-	d.startWait(waitRate)
-	err = d.sleep(e.wait, wait)
-	d.emitWait(e.ctx, waitRate, now, time.Now())
-	if err != nil {
-		r.Cancel()
-		return nil, d.waitError(e, waitRate, wait)
-	}
-	return refund, nil
-}
-
-// cancelToken takes a token for a CancelRequest, waiting for it until ctx
-// ends (see [cancelConn]); a wait that cannot end before ctx's deadline is
-// not begun. refund gives the token back.
-func (d *Dialer) cancelToken(ctx context.Context) (refund func(), err error) {
-	now := time.Now()
-	r := d.limiter.ReserveN(now, 1)
-	if !r.OK() {
-		return nil, ErrInvalidOption // burst 0: validated away in New
-	}
-	wait := r.DelayFrom(now)
-	act := now.Add(wait)
-	refund = func() { r.CancelAt(act) }
-	if wait == 0 {
-		return refund, nil
-	}
-	if dl, ok := ctx.Deadline(); ok && dl.Before(act) {
-		r.CancelAt(now)
-		d.stats.cancelsShed.Add(1)
-		return nil, &shedError{wait: waitNames[waitRate], need: wait, left: time.Until(dl)}
 	}
 	start := d.startWait(waitRate)
 	err = d.sleep(ctx, wait)
-	d.emitWait(ctx, waitRate, start, time.Now())
+	d.emitWait(spanCtx, waitRate, start, time.Now())
 	if err != nil {
 		r.Cancel()
-		d.stats.cancelsShed.Add(1)
-		return nil, err
+		return nil, ended(wait, err)
 	}
 	return refund, nil
 }

@@ -55,33 +55,34 @@ func hostGroup(cfg *pgconn.Config) string {
 	return b.String()
 }
 
-// hosts returns group's addresses; h.mu is held.
-func (h *hostHealth) hosts(group string) map[string]*hostState {
-	g := h.groups[group]
-	if g == nil {
-		g = map[string]*hostState{}
-		h.groups[group] = g
+// state returns the state of addr in group, and the group's addresses,
+// adding addr if it is new; h.mu is held.
+func (h *hostHealth) state(group, network, addr string) (*hostState, map[string]*hostState) {
+	hosts := h.groups[group]
+	if hosts == nil {
+		hosts = map[string]*hostState{}
+		h.groups[group] = hosts
 	}
-	return g
+	key := network + " " + addr
+	s := hosts[key]
+	if s == nil {
+		s = &hostState{}
+		hosts[key] = s
+	}
+	return s, hosts
 }
 
 // skip returns an error if addr is backed off and another address of group
 // seen so far is not; nil means dial it.
 func (h *hostHealth) skip(group, network, addr string, now time.Time) error {
-	key := network + " " + addr
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	hosts := h.hosts(group)
-	s := hosts[key]
-	if s == nil {
-		hosts[key] = &hostState{}
-		return nil
-	}
+	s, hosts := h.state(group, network, addr)
 	if !now.Before(s.until) {
 		return nil
 	}
-	for k, o := range hosts {
-		if k != key && !now.Before(o.until) {
+	for _, o := range hosts {
+		if o != s && !now.Before(o.until) {
 			return &hostBackedOffError{addr: addr, left: s.until.Sub(now), last: s.lastErr}
 		}
 	}
@@ -91,15 +92,9 @@ func (h *hostHealth) skip(group, network, addr string, now time.Time) error {
 // record notes the result of a dial to addr. Failures the caller caused
 // (its context ended) say nothing of the host and are not recorded.
 func (h *hostHealth) record(group, network, addr string, err error, now time.Time) {
-	key := network + " " + addr
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	hosts := h.hosts(group)
-	s := hosts[key]
-	if s == nil {
-		s = &hostState{}
-		hosts[key] = s
-	}
+	s, _ := h.state(group, network, addr)
 	if err == nil {
 		*s = hostState{}
 		return

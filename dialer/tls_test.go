@@ -4,9 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"net/url"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -51,19 +48,15 @@ func TestTLSVerifyFullWorksAndAWrongCAIsOneAttempt(t *testing.T) {
 	})
 
 	t.Run("wrong CA", func(t *testing.T) {
-		otherCA, _, _, err := testdb.GenerateCerts(time.Now(), "127.0.0.1")
+		wrongCA, err := c.ConnStringWrongCA(t.TempDir(), "")
 		if err != nil {
-			t.Fatal(err)
-		}
-		caFile := filepath.Join(t.TempDir(), "other-ca.pem")
-		if err := os.WriteFile(caFile, otherCA, 0o600); err != nil {
 			t.Fatal(err)
 		}
 		d, err := New(WithStartupJitter(0))
 		if err != nil {
 			t.Fatal(err)
 		}
-		cfg, err := ParseConfig(strings.Replace(c.ConnString(""), "sslrootcert="+url.QueryEscape(c.CAFile()), "sslrootcert="+url.QueryEscape(caFile), 1))
+		cfg, err := ParseConfig(wrongCA)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -83,6 +83,22 @@ func sqlstate(err error) string {
 	return ""
 }
 
+// crash kills c's postmaster and starts it again in the background, with a
+// recovery that answers 57P03 for several steps (see
+// [testdb.Cluster.SlowRecovery]); the channel gets Start's result.
+func crash(t *testing.T, c *testdb.Cluster, step time.Duration) <-chan error {
+	t.Helper()
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SlowRecovery(step); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan error, 1)
+	go func() { started <- c.Start() }()
+	return started
+}
+
 func TestCrashRecoveryIsRetriedThrough57P03(t *testing.T) {
 	c := ownCluster(t, testdb.Options{})
 	cfg, err := pgxpool.ParseConfig(c.ConnString(""))
@@ -98,16 +114,9 @@ func TestCrashRecoveryIsRetriedThrough57P03(t *testing.T) {
 	}
 	t.Cleanup(p.Close)
 
-	if err := c.Kill(); err != nil {
-		t.Fatal(err)
-	}
 	// Until the server is up again it refuses connections, then answers
 	// 57P03 while it recovers.
-	if err := c.SlowRecovery(500 * time.Millisecond); err != nil {
-		t.Fatal(err)
-	}
-	started := make(chan error, 1)
-	go func() { started <- c.Start() }()
+	started := crash(t, c, 500*time.Millisecond)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -139,14 +148,25 @@ func TestCrashRecoveryIsRetriedThrough57P03(t *testing.T) {
 	}
 }
 
-func TestExhaustedServerIsRetriedWithBackoffUntilASlotFrees(t *testing.T) {
-	c := ownCluster(t, testdb.Options{Settings: map[string]string{
-		"max_connections": "3", "superuser_reserved_connections": "0",
-	}})
+// full is a server (or PgBouncer) at url whose every connection slot is
+// held, for the exhaustion tests.
+type full struct {
+	url     string
+	slots   int                    // connections to hold
+	refusal func(err error) string // "" if err is the expected refusal, else what is wrong
+}
+
+// retriedUntilASlotFrees fills f's slots, starts an Exec on a pool of its
+// own with a constant backoff, checks that at least failures attempts fail
+// with f's refusal, as transient errors, each at least the backoff after
+// the one before, then frees a slot and checks the Exec succeeds. It
+// returns the pool and how many more attempts failed before the slot freed.
+func retriedUntilASlotFrees(t *testing.T, f full, failures int) (p *Pool, more int) {
+	t.Helper()
 	ctx := context.Background()
 	var holders []*pgx.Conn
-	for range 3 {
-		h, err := pgx.Connect(ctx, c.ConnString(""))
+	for range f.slots {
+		h, err := pgx.Connect(ctx, f.url)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -159,31 +179,32 @@ func TestExhaustedServerIsRetriedWithBackoffUntilASlotFrees(t *testing.T) {
 	})
 
 	const wait = 150 * time.Millisecond
-	cfg, err := pgxpool.ParseConfig(c.ConnString(""))
+	cfg, err := pgxpool.ParseConfig(f.url)
 	if err != nil {
 		t.Fatal(err)
 	}
 	seen := newAttempts()
 	cfg.ConnConfig.Tracer = seen
-	p, err := NewWithConfig(ctx, cfg, WithStartupJitter(0),
+	p, err = NewWithConfig(ctx, cfg, WithStartupJitter(0),
 		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(wait) }))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(p.Close)
 
-	before := c.ConnectionsReceived()
 	done := make(chan error, 1)
 	go func() {
 		_, err := p.Exec(ctx, "select 1")
 		done <- err
 	}()
-	const failures = 4
 	var last time.Time
 	for i := range failures {
 		at := seen.next(t)
-		if code := sqlstate(at.err); code != "53300" {
-			t.Fatalf("attempt %d: err = %v, want SQLSTATE 53300", i+1, at.err)
+		if wrong := f.refusal(at.err); wrong != "" {
+			t.Fatalf("attempt %d: err = %v: %s", i+1, at.err, wrong)
+		}
+		if c := dialer.Classify(at.err); c != dialer.Transient {
+			t.Errorf("attempt %d: classified %v, want transient", i+1, c)
 		}
 		if i > 0 && at.at.Sub(last) < wait {
 			t.Errorf("attempt %d failed %v after the one before, want at least the backoff's %v", i+1, at.at.Sub(last), wait)
@@ -194,15 +215,29 @@ func TestExhaustedServerIsRetriedWithBackoffUntilASlotFrees(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("Exec after a slot freed: %v", err)
 	}
-	// Every attempt is one connection the server forked for, and no more:
-	// the failures seen, those between the last one seen and the free slot,
-	// and the success.
-	more := 0
 	for len(seen.ended) > 0 {
 		if seen.next(t).err != nil {
 			more++
 		}
 	}
+	return p, more
+}
+
+func TestExhaustedServerIsRetriedWithBackoffUntilASlotFrees(t *testing.T) {
+	c := ownCluster(t, testdb.Options{Settings: map[string]string{
+		"max_connections": "3", "superuser_reserved_connections": "0",
+	}})
+	before := c.ConnectionsReceived() + 3 // the holders'
+	const failures = 4
+	p, more := retriedUntilASlotFrees(t, full{url: c.ConnString(""), slots: 3, refusal: func(err error) string {
+		if code := sqlstate(err); code != "53300" {
+			return "want SQLSTATE 53300"
+		}
+		return ""
+	}}, failures)
+	// Every attempt is one connection the server forked for, and no more:
+	// the failures seen, those between the last one seen and the free slot,
+	// and the success.
 	got := c.WaitConnectionsReceived(before+failures+int64(more)+1, 5*time.Second) - before
 	if want := int64(failures + more + 1); got != want {
 		t.Errorf("server received %d connections, want %d (attempts)", got, want)

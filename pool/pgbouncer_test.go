@@ -8,12 +8,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/pgstagger/pgstagger/dialer"
 	"github.com/pgstagger/pgstagger/internal/testdb"
 )
 
@@ -70,58 +67,11 @@ func TestPgBouncerTransactionModeWithTheDocumentedExecModes(t *testing.T) {
 
 func TestPgBouncerMaxClientConnIsRetriedLike53300(t *testing.T) {
 	b := startPgBouncer(t, db, testdb.PgBouncerOptions{PoolMode: "transaction", MaxClientConn: 2})
-	ctx := context.Background()
-	var holders []*pgx.Conn
-	for range 2 {
-		h, err := pgx.Connect(ctx, b.ConnString("", "default_query_exec_mode=exec"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		holders = append(holders, h)
-	}
-	t.Cleanup(func() {
-		for _, h := range holders {
-			h.Close(ctx)
-		}
-	})
-
-	const wait = 150 * time.Millisecond
-	cfg, err := pgxpool.ParseConfig(b.ConnString("", "default_query_exec_mode=exec"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	seen := newAttempts()
-	cfg.ConnConfig.Tracer = seen
-	p, err := NewWithConfig(ctx, cfg, WithStartupJitter(0),
-		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(wait) }))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.Close)
-
-	done := make(chan error, 1)
-	go func() {
-		_, err := p.Exec(ctx, "select 1")
-		done <- err
-	}()
-	const failures = 3
-	var last time.Time
-	for i := range failures {
-		at := seen.next(t)
+	retriedUntilASlotFrees(t, full{url: b.ConnString("", "default_query_exec_mode=exec"), slots: 2, refusal: func(err error) string {
 		var pe *pgconn.PgError
-		if !errors.As(at.err, &pe) || pe.Code != "08P01" || !strings.Contains(pe.Message, "max_client_conn") {
-			t.Fatalf("attempt %d: err = %v, want PgBouncer's 08P01 max_client_conn refusal", i+1, at.err)
+		if !errors.As(err, &pe) || pe.Code != "08P01" || !strings.Contains(pe.Message, "max_client_conn") {
+			return "want PgBouncer's 08P01 max_client_conn refusal"
 		}
-		if c := dialer.Classify(at.err); c != dialer.Transient {
-			t.Errorf("attempt %d: classified %v, want transient", i+1, c)
-		}
-		if i > 0 && at.at.Sub(last) < wait {
-			t.Errorf("attempt %d failed %v after the one before, want at least the backoff's %v", i+1, at.at.Sub(last), wait)
-		}
-		last = at.at
-	}
-	holders[0].Close(ctx) // a client slot frees
-	if err := <-done; err != nil {
-		t.Fatalf("Exec after a client slot freed: %v", err)
-	}
+		return ""
+	}}, 3)
 }

@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -31,13 +29,7 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 		`do $$ begin create role keeper login password '%s'; exception when duplicate_object then null; end $$`, secret)); err != nil {
 		t.Fatal(err)
 	}
-	env := newOtelEnv(t)
-	var logs bytes.Buffer
-	opts := append(env.opts(), WithStartupJitter(0),
-		WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))),
-		WithBackOff(func() backoff.BackOff {
-			return backoff.WithMaxRetries(backoff.NewConstantBackOff(5*time.Millisecond), 2)
-		}))
+	env, logs, opts := recordEverything(t)
 	var errs []error
 	ctx := context.Background()
 
@@ -79,7 +71,19 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 	if !strings.Contains(logs.String(), "28P01") || !strings.Contains(logs.String(), "retrying") {
 		t.Errorf("the failure paths were not logged:\n%s", logs.String())
 	}
-	assertNowhere(t, env, &logs, errs, secret, wrong)
+	assertNowhere(t, env, logs, errs, secret, wrong)
+}
+
+// recordEverything returns pool options that record every span, metric and
+// log line (at debug level), with no startup delay and two quick retries.
+func recordEverything(t *testing.T) (otelEnv, *bytes.Buffer, []Option) {
+	env := newOtelEnv(t)
+	logs := new(bytes.Buffer)
+	return env, logs, append(env.opts(), WithStartupJitter(0),
+		WithLogger(slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))),
+		WithBackOff(func() backoff.BackOff {
+			return backoff.WithMaxRetries(backoff.NewConstantBackOff(20*time.Millisecond), 2)
+		}))
 }
 
 // assertNowhere searches errs, every span env recorded (names, status,
@@ -166,13 +170,7 @@ func TestPasswordAppearsNowhereOnFaultPaths(t *testing.T) {
 	if err := c.Exec(ctx, fmt.Sprintf(`create role limited login password '%s' connection limit 0`, limitedPW)); err != nil {
 		t.Fatal(err)
 	}
-	env := newOtelEnv(t)
-	var logs bytes.Buffer
-	opts := append(env.opts(), WithStartupJitter(0),
-		WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))),
-		WithBackOff(func() backoff.BackOff {
-			return backoff.WithMaxRetries(backoff.NewConstantBackOff(20*time.Millisecond), 2)
-		}))
+	env, logs, opts := recordEverything(t)
 	var errs []error
 	try := func(name string, class dialer.Class, err error) {
 		t.Helper()
@@ -187,15 +185,10 @@ func TestPasswordAppearsNowhereOnFaultPaths(t *testing.T) {
 	// Too many connections (53300): retried, then given up.
 	try("53300", dialer.Transient, newPool(t, c.ConnStringAs("limited", limitedPW, ""), opts...).Ping(ctx))
 	// Wrong CA: one attempt.
-	otherCA, _, _, err := testdb.GenerateCerts(time.Now(), "127.0.0.1")
+	wrongCA, err := c.ConnStringWrongCA(t.TempDir(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	caFile := filepath.Join(t.TempDir(), "other-ca.pem")
-	if err := os.WriteFile(caFile, otherCA, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	wrongCA := strings.Replace(c.ConnString(""), url.QueryEscape(c.CAFile()), url.QueryEscape(caFile), 1)
 	try("wrong CA", dialer.Permanent, newPool(t, wrongCA, opts...).Ping(ctx))
 	// PgBouncer's max_client_conn (08P01): retried, then given up.
 	b := startPgBouncer(t, c, testdb.PgBouncerOptions{MaxClientConn: 1})
@@ -245,14 +238,7 @@ func TestPasswordAppearsNowhereOnFaultPaths(t *testing.T) {
 	recovering := newPool(t, c.ConnString(""), append(opts, WithBackOff(func() backoff.BackOff {
 		return backoff.NewConstantBackOff(50 * time.Millisecond)
 	}))...)
-	if err := c.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.SlowRecovery(300 * time.Millisecond); err != nil {
-		t.Fatal(err)
-	}
-	started := make(chan error, 1)
-	go func() { started <- c.Start() }()
+	started := crash(t, c, 300*time.Millisecond)
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := recovering.Ping(rctx); err != nil {
@@ -267,5 +253,5 @@ func TestPasswordAppearsNowhereOnFaultPaths(t *testing.T) {
 			t.Errorf("no log line mentions %s: the path did not run as intended", code)
 		}
 	}
-	assertNowhere(t, env, &logs, errs, c.Password(), limitedPW)
+	assertNowhere(t, env, logs, errs, c.Password(), limitedPW)
 }

@@ -7,11 +7,14 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -104,4 +107,23 @@ func GenerateCerts(now time.Time, hosts ...string) (caPEM, certPEM, keyPEM []byt
 		pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
 		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
 		nil
+}
+
+// ConnStringWrongCA is [Cluster.ConnString] of a TLS cluster with
+// sslrootcert pointing at a CA that signed nothing of the cluster's, written
+// under dir: verify-full must fail.
+func (c *Cluster) ConnStringWrongCA(dir, dbname string, params ...string) (string, error) {
+	if c.caFile == "" {
+		return "", errors.New("testdb: ConnStringWrongCA needs a cluster started with TLS")
+	}
+	ca, _, _, err := GenerateCerts(time.Now(), "127.0.0.1")
+	if err != nil {
+		return "", err
+	}
+	wrong := filepath.Join(dir, "unrelated-ca.pem")
+	if err := os.WriteFile(wrong, ca, 0o600); err != nil {
+		return "", fmt.Errorf("testdb: %w", err)
+	}
+	return strings.Replace(c.ConnString(dbname, params...),
+		"sslrootcert="+url.QueryEscape(c.caFile), "sslrootcert="+url.QueryEscape(wrong), 1), nil
 }
