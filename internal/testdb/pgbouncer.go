@@ -62,8 +62,8 @@ func StartPgBouncer(c *Cluster, opts PgBouncerOptions) (*PgBouncer, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(c.dir, "pgbouncer")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	dir, err := os.MkdirTemp(c.dir, "pgbouncer-") // removed with the cluster
+	if err != nil {
 		return nil, fmt.Errorf("testdb: %w", err)
 	}
 	if err := owner.chown(dir); err != nil {
@@ -190,7 +190,7 @@ func (b *PgBouncer) Close() error {
 		return nil
 	default:
 	}
-	_ = b.cmd.Process.Signal(syscall.SIGINT)
+	_ = b.cmd.Process.Signal(syscall.SIGTERM) // immediate shutdown (SIGINT waits for clients)
 	select {
 	case <-b.exited:
 	case <-time.After(10 * time.Second):
