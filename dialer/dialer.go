@@ -240,17 +240,6 @@ func Connect(ctx context.Context, connString string, opts ...Option) (*pgx.Conn,
 	return d.Connect(ctx, cfg)
 }
 
-// ParseConfig is pgx.ParseConfig with errors that match [ErrInvalidOption]
-// and never contain the password (pgx redacts it from the connection string
-// it quotes).
-func ParseConfig(connString string) (*pgx.ConnConfig, error) {
-	cfg, err := pgx.ParseConfig(connString)
-	if err != nil {
-		return nil, fmt.Errorf("%w: connection string: %w", ErrInvalidOption, err)
-	}
-	return cfg, nil
-}
-
 // Retry runs op until it succeeds or fails other than by a transient
 // connection-establishment failure (see [Classify]); query errors on an
 // established connection are returned at once, never retried. Between

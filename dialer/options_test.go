@@ -116,12 +116,28 @@ func TestDialsPerConnect(t *testing.T) {
 }
 
 func TestParseConfigHidesPassword(t *testing.T) {
-	_, err := ParseConfig("postgres://u:s3cretpw@127.0.0.1:notaport/x")
-	if !errors.Is(err, ErrInvalidOption) {
-		t.Fatalf("err = %v, want ErrInvalidOption", err)
-	}
-	if strings.Contains(err.Error(), "s3cretpw") {
-		t.Errorf("error leaks the password: %v", err)
+	for _, connString := range []string{
+		"postgres://u:s3cretpw@127.0.0.1:notaport/x",
+		// pgx's keyword/value parser quotes this whole in its cause.
+		"postgress://u:s3cretpw@h/db sslmode=disable",
+		"//:s3cretpw@# 0=", // found by FuzzNew
+		"postgress://u:s3cret%20pw@h/db sslmode=disable",
+		"host=h password='s3cret pw' port=x",
+		"host=h password=s3cretpw port=x",
+		"host=h password='s3cret\\' pw",
+	} {
+		for name, parse := range map[string]func(string) error{
+			"ParseConfig":     func(s string) error { _, err := ParseConfig(s); return err },
+			"ParsePoolConfig": func(s string) error { _, err := ParsePoolConfig(s); return err },
+		} {
+			err := parse(connString)
+			if !errors.Is(err, ErrInvalidOption) || Classify(err) != Permanent {
+				t.Fatalf("%s(%q): err = %v, want a permanent ErrInvalidOption", name, connString, err)
+			}
+			if strings.Contains(err.Error(), "s3cret") {
+				t.Errorf("%s(%q): error leaks the password: %v", name, connString, err)
+			}
+		}
 	}
 }
 

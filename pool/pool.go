@@ -39,9 +39,9 @@ type Pool struct {
 // strings fail with an error matching [dialer.ErrInvalidOption] that names
 // the option or setting and never contains the password.
 func New(ctx context.Context, connString string, opts ...Option) (*Pool, error) {
-	cfg, err := pgxpool.ParseConfig(connString)
+	cfg, err := dialer.ParsePoolConfig(connString)
 	if err != nil {
-		return nil, fmt.Errorf("%w: connection string: %w", dialer.ErrInvalidOption, err)
+		return nil, err
 	}
 	return NewWithConfig(ctx, cfg, opts...)
 }
