@@ -32,7 +32,12 @@
 //     errors never are;
 //   - connection lifetimes are jittered (MaxConnLifetime/10 by default,
 //     honoured to the nanosecond) so pools started together do not renew
-//     their connections together ([WithLifetimeJitter]).
+//     their connections together ([WithLifetimeJitter]);
+//   - the CancelRequest connections pgx opens when a query's context ends
+//     take tokens too, so a stall that times out many queries at once does
+//     not become a storm of forks;
+//   - a dead host of a multi-host connection string (host=a,b) is backed
+//     off instead of being dialed before every connection to a live one.
 //
 // [WithFleet] derives the startup window and the rate from how many
 // processes start together and how many connections per second the server
