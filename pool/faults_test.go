@@ -37,8 +37,8 @@ func ownCluster(t *testing.T, opts testdb.Options) *testdb.Cluster {
 	return c
 }
 
-// attempts is a pgx tracer (pgx requires the query hooks too) that reports each connect attempt's end, with
-// its error, on a channel.
+// attempts is a pgx tracer that reports the end of each connect attempt,
+// with its error, on a channel (pgx requires the query hooks too).
 type attempts struct{ ended chan attempt }
 
 type attempt struct {
@@ -378,14 +378,19 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 		name string
 		url  func(t *testing.T) string
 		opts []Option
-		in   int // callers that get past the gate (into a connect) rather than wait in it
+		in   int                                 // callers that get past the gate (into a connect) rather than wait in it
+		wait func(dialer.Stats) dialer.WaitStats // the wait under test
 	}{
-		{"startup jitter", nil, []Option{WithStartupJitter(time.Hour)}, 0},
-		{"rate limit", nil, []Option{WithStartupJitter(0), WithLimiter(drained)}, 0},
+		{"startup jitter", nil, []Option{WithStartupJitter(time.Hour)}, 0,
+			func(s dialer.Stats) dialer.WaitStats { return s.JitterWait }},
+		{"rate limit", nil, []Option{WithStartupJitter(0), WithLimiter(drained)}, 0,
+			func(s dialer.Stats) dialer.WaitStats { return s.RateWait }},
 		// One caller's connect hangs on the frozen server; the others wait
 		// for its connecting slot.
-		{"connecting slot", frozen, []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithMaxConnecting(1)}, 1},
-		{"backoff", refused, []Option{WithStartupJitter(0), WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) })}, 0},
+		{"connecting slot", frozen, []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithMaxConnecting(1)}, 1,
+			func(s dialer.Stats) dialer.WaitStats { return s.SlotWait }},
+		{"backoff", refused, []Option{WithStartupJitter(0), WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) })}, 0,
+			func(s dialer.Stats) dialer.WaitStats { return s.BackoffWait }},
 	}
 	for _, k := range kinds {
 		t.Run(k.name, func(t *testing.T) {
@@ -419,6 +424,9 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 			}
 			for waiting() < n-int64(k.in) {
 				time.Sleep(time.Millisecond) // polling: the gate signals nothing on entering a wait
+			}
+			if k.wait(p.Stats()).Waiting == 0 {
+				t.Fatalf("no caller is in the %s wait: %+v", k.name, p.Stats())
 			}
 			start := time.Now()
 			p.Close()
