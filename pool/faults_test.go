@@ -280,6 +280,25 @@ func sockets(t *testing.T) int {
 	return n
 }
 
+// settled waits up to within for every goroutine but those ignore names to
+// end, and for the process's sockets to be no more than before; it fails
+// the test if they do not.
+func settled(t *testing.T, ignore goleak.Option, before int, within time.Duration) {
+	t.Helper()
+	end := time.Now().Add(within)
+	for {
+		leaked := goleak.Find(ignore)
+		open := sockets(t)
+		if leaked == nil && open <= before {
+			return
+		}
+		if time.Now().After(end) {
+			t.Fatalf("after %v: %d sockets open (%d before); goroutines: %v", within, open, before, leaked)
+		}
+		time.Sleep(20 * time.Millisecond) // polling: nothing signals a socket's close
+	}
+}
+
 func TestFrozenPostmasterEndsConnectsAtTheirDeadlines(t *testing.T) {
 	c := ownCluster(t, testdb.Options{})
 	const n = 8
@@ -330,18 +349,7 @@ func TestFrozenPostmasterEndsConnectsAtTheirDeadlines(t *testing.T) {
 	if got := sockets(t) - socketsBefore; got > n {
 		t.Errorf("%d sockets still open as the callers returned, want at most one per caller (%d)", got, n)
 	}
-	gone := time.Now().Add(time.Second + time.Second) // connect_timeout, and slack
-	for {
-		leaked := goleak.Find(ignore)
-		open := sockets(t)
-		if leaked == nil && open <= socketsBefore {
-			break
-		}
-		if time.Now().After(gone) {
-			t.Fatalf("1s past connect_timeout: %d sockets open (%d before); goroutines: %v", open, socketsBefore, leaked)
-		}
-		time.Sleep(20 * time.Millisecond) // polling: nothing signals a socket's close
-	}
+	settled(t, ignore, socketsBefore, time.Second+time.Second) // connect_timeout, and slack
 
 	if err := c.Thaw(); err != nil {
 		t.Fatal(err)
@@ -443,12 +451,7 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 			if took := time.Since(start); took > time.Second {
 				t.Errorf("callers returned %v after Close, want promptly", took)
 			}
-			if err := goleak.Find(ignore); err != nil {
-				t.Errorf("goroutines left after Close: %v", err)
-			}
-			if got := sockets(t); got > socketsBefore {
-				t.Errorf("%d sockets open after Close, %d before", got, socketsBefore)
-			}
+			settled(t, ignore, socketsBefore, time.Second)
 		})
 	}
 }
