@@ -91,6 +91,16 @@ func (e *establishment) current() *tracedConn {
 	return nil
 }
 
+// lastDial returns the establishment's latest dial, or nil.
+func (e *establishment) lastDial() *dialRecord {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.dials) == 0 {
+		return nil
+	}
+	return e.dials[len(e.dials)-1]
+}
+
 // begin starts the connect span and runs the waits that come before the
 // server is touched.
 func (d *Dialer) begin(ctx context.Context) *establishment {
@@ -537,6 +547,13 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 		if context.Cause(e.ctx) == ErrClosed {
 			return nil, ErrClosed
 		}
+		if prev := e.lastDial(); prev != nil && prev.addr != addr && prev.conn != nil &&
+			prev.conn.firstRead.Load() == 0 && e.wait.Err() == nil {
+			// pgconn gave up on a host that accepted the connection
+			// but never answered (a frozen or swamped postmaster) and
+			// moved on: as dead, for this list, as a refused one.
+			d.hosts.record(group, prev.network, prev.addr, errHostSilent, time.Now())
+		}
 		if err := d.hosts.skip(group, network, addr, time.Now()); err != nil {
 			d.stats.hostsSkipped.Add(1)
 			return nil, err
@@ -558,7 +575,10 @@ func (d *Dialer) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 			// Nothing listened: the server forked nothing for it.
 			r.giveBack(d)
 		}
-		if err == nil || ctx.Err() == nil {
+		if err == nil || e.wait.Err() == nil {
+			// A dial that failed because the caller gave up says
+			// nothing of the host; one that timed out at
+			// connect_timeout (ctx is pgconn's, per host) does.
 			d.hosts.record(group, network, addr, err, time.Now())
 		}
 		r.end, r.err = time.Now(), err

@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/pgstagger/pgstagger/internal/oteltest"
+	"github.com/pgstagger/pgstagger/internal/testdb"
 	"golang.org/x/time/rate"
 )
 
@@ -412,49 +413,76 @@ func TestSuccessfulConnectsSetTheShedMargin(t *testing.T) {
 }
 
 func TestMultiHostDeadHostIsBackedOffNotHammered(t *testing.T) {
-	// A port with no server, listed first: pgconn tries it on every connect.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dead := l.Addr().String()
-	l.Close()
-	url := strings.Replace(db.ConnString(""), db.Addr(), dead+","+db.Addr(), 1) + "&target_session_attrs=read-write"
-	cfg, err := ParseConfig(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	dials := map[string]int{}
-	var nd net.Dialer
-	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		mu.Lock()
-		dials[addr]++
-		mu.Unlock()
-		return nd.DialContext(ctx, network, addr)
-	}
-	d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1),
-		WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) }))
-	if err != nil {
-		t.Fatal(err)
-	}
-	const n = 10
-	for range n {
-		c, err := d.Connect(context.Background(), cfg)
+	refusing := func(t *testing.T) string {
+		// A port with no server.
+		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := c.PgConn().Conn().RemoteAddr().String(); got != db.Addr() {
-			t.Errorf("connected to %s, want the live host %s", got, db.Addr())
+		defer l.Close()
+		return l.Addr().String()
+	}
+	silent := func(t *testing.T) string {
+		// A frozen postmaster: the kernel accepts, nothing answers.
+		c, err := testdb.Start(testdb.Options{})
+		if err != nil {
+			t.Fatal(err)
 		}
-		c.Close(context.Background())
+		t.Cleanup(func() { _ = c.Close() })
+		if err := c.Freeze(); err != nil {
+			t.Fatal(err)
+		}
+		return c.Addr()
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if dials[dead] != 1 || dials[db.Addr()] != n {
-		t.Errorf("dials = %v, want the dead host once (then backed off for the hour) and the live one %d times", dials, n)
-	}
-	if s := d.Stats(); s.HostsSkipped != n-1 || s.OK != n || s.Retries != 0 {
-		t.Errorf("stats: %d hosts skipped, %d OK, %d retries; want %d, %d, 0", s.HostsSkipped, s.OK, s.Retries, n-1, n)
+	for name, deadHost := range map[string]func(*testing.T) string{"refusing": refusing, "silent": silent} {
+		t.Run(name, func(t *testing.T) {
+			// The dead host is listed first: pgconn tries it on every
+			// connect, each for up to connect_timeout.
+			dead := deadHost(t)
+			url := strings.Replace(db.ConnString("", "connect_timeout=1"), db.Addr(), dead+","+db.Addr(), 1) +
+				"&target_session_attrs=read-write"
+			cfg, err := ParseConfig(url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var mu sync.Mutex
+			dials := map[string]int{}
+			var nd net.Dialer
+			cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				mu.Lock()
+				dials[addr]++
+				mu.Unlock()
+				return nd.DialContext(ctx, network, addr)
+			}
+			d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1),
+				WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(time.Hour) }))
+			if err != nil {
+				t.Fatal(err)
+			}
+			const n = 10
+			start := time.Now()
+			for range n {
+				c, err := d.Connect(context.Background(), cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := c.PgConn().Conn().RemoteAddr().String(); got != db.Addr() {
+					t.Errorf("connected to %s, want the live host %s", got, db.Addr())
+				}
+				c.Close(context.Background())
+			}
+			// A silent host costs its connect_timeout once, not n times.
+			if took := time.Since(start); took > 5*time.Second {
+				t.Errorf("%d connects took %v", n, took)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if dials[dead] != 1 || dials[db.Addr()] != n {
+				t.Errorf("dials = %v, want the dead host once (then backed off for the hour) and the live one %d times", dials, n)
+			}
+			if s := d.Stats(); s.HostsSkipped != n-1 || s.OK != n || s.Retries != 0 {
+				t.Errorf("stats: %d hosts skipped, %d OK, %d retries; want %d, %d, 0", s.HostsSkipped, s.OK, s.Retries, n-1, n)
+			}
+		})
 	}
 }

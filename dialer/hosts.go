@@ -1,6 +1,7 @@
 package dialer
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -14,9 +15,11 @@ import (
 )
 
 // hostHealth backs off the addresses of a multi-host connection string
-// (host=a,b) whose dials fail. pgconn tries the hosts in order on every
-// connect, so without it a dead first host would be dialed before every
-// connection to the live one. While some other address is not backed off, a
+// (host=a,b) whose dials fail, or that accept a connection and send nothing
+// until pgconn gives up on them (connect_timeout applies per host). pgconn
+// tries the hosts in order on every connect, so without it a dead first
+// host would be dialed, or waited on, before every connection to the live
+// one. While some other address is not backed off, a
 // backed-off address is skipped without a dial, and pgconn goes on to the
 // next host; when every address is backed off, each is dialed as usual and
 // the gate's recovery delay paces the attempts. Each address backs off with
@@ -109,6 +112,10 @@ func (h *hostHealth) record(group, network, addr string, err error, now time.Tim
 	}
 	s.until, s.lastErr = now.Add(wait), err
 }
+
+// errHostSilent is what a host is recorded as when it accepted a connection
+// but sent nothing before pgconn gave up on it and went on to the next.
+var errHostSilent = errors.New("accepted the connection but sent nothing before connect_timeout")
 
 // hostBackedOffError is a dial pgstagger did not make: the host's last dial
 // failed, and another host of the connection string is up. It classifies
