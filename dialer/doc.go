@@ -32,9 +32,11 @@
 //     has not accepted), gives its token back: the server forked nothing
 //     for it;
 //   - per-host backoff for multi-host connection strings (host=a,b): a host
-//     whose dial failed is skipped without a dial, for the retry policy's
+//     whose dial failed, or that accepted and sent nothing until
+//     connect_timeout, is skipped without a dial, for the retry policy's
 //     next interval, while another host of the list is up, so a dead first
-//     host is not dialed before every connection to the live one;
+//     host is not dialed, or waited on, before every connection to the live
+//     one;
 //   - a fleet budget that derives the window and the rate from the fleet's
 //     size and what the server should absorb ([WithFleet]).
 //
