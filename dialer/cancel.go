@@ -190,32 +190,29 @@ func (c *cancelConn) RemoteAddr() net.Addr {
 	return addr{c.network, c.addr}
 }
 
-func (c *cancelConn) SetDeadline(t time.Time) error {
+func (c *cancelConn) SetDeadline(t time.Time) error      { return c.setDeadlines(true, true, t) }
+func (c *cancelConn) SetReadDeadline(t time.Time) error  { return c.setDeadlines(true, false, t) }
+func (c *cancelConn) SetWriteDeadline(t time.Time) error { return c.setDeadlines(false, true, t) }
+
+// setDeadlines sets the read and/or write deadline: on the connection once
+// dialed, and kept for it before.
+func (c *cancelConn) setDeadlines(read, write bool, t time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.rd, c.wd = t, t
-	if c.conn != nil {
+	if read {
+		c.rd = t
+	}
+	if write {
+		c.wd = t
+	}
+	switch {
+	case c.conn == nil:
+		return nil
+	case read && write:
 		return c.conn.SetDeadline(t)
-	}
-	return nil
-}
-
-func (c *cancelConn) SetReadDeadline(t time.Time) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.rd = t
-	if c.conn != nil {
+	case read:
 		return c.conn.SetReadDeadline(t)
-	}
-	return nil
-}
-
-func (c *cancelConn) SetWriteDeadline(t time.Time) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.wd = t
-	if c.conn != nil {
+	default:
 		return c.conn.SetWriteDeadline(t)
 	}
-	return nil
 }
