@@ -18,7 +18,7 @@ import (
 // ratios between them, not the absolute times, are the result.
 func BenchmarkConnect(b *testing.B) {
 	ctx := context.Background()
-	cfg, err := ParseConfig(db.ConnString(""))
+	cfg, err := ParseConfig(db(b).ConnString(""))
 	if err != nil {
 		b.Fatal(err)
 	}

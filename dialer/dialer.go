@@ -2,22 +2,14 @@ package dialer
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"log/slog"
-	"net"
-	"sync"
-	"sync/atomic"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/multitracer"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/time/rate"
 
-	"github.com/pgstagger/pgstagger/jitter"
+	"github.com/pgstagger/pgstagger/internal/engine"
 )
 
 // Dialer is the connection-establishment gate. Installed on a connection
@@ -28,39 +20,7 @@ import (
 //
 // A Dialer is safe for concurrent use. Close it to end every wait.
 type Dialer struct {
-	cfg *config
-
-	bindOnce sync.Once
-	isBound  atomic.Bool   // bind has run; the four fields below are set
-	plan     Plan          // set once by bind
-	limiter  *rate.Limiter // set once by bind
-	release  time.Time     // set once by bind: end of the startup delay
-	released atomic.Bool   // release has passed
-
-	slots chan struct{} // connecting slots; a send takes one
-
-	inflight atomic.Int32 // establishments between begin and end
-
-	// connectTime is a moving average of how long successful
-	// establishments took once admitted, in nanoseconds (0: none yet).
-	connectTime atomic.Int64
-
-	closeCtx context.Context // done once Close is called, with cause ErrClosed
-	closeFn  context.CancelCauseFunc
-
-	failing atomic.Bool // until is set: read on the hot path without mu
-
-	mu       sync.Mutex      // guards the recovery state below
-	recovery backoff.BackOff // shared policy for establishments outside retry loops
-	until    time.Time       // no new establishment touches the server before this
-	failedAt time.Time       // when the failure that set until was recorded
-
-	hosts *hostHealth // backed-off hosts of multi-host connection strings
-
-	tel     *telemetry
-	forPool bool // set once by bind: installed on a pool's configuration
-
-	stats counters
+	g *engine.Gate
 }
 
 // New returns a Dialer configured by opts. It does no I/O. Invalid options
@@ -71,64 +31,25 @@ func New(opts ...Option) (*Dialer, error) {
 	if err != nil {
 		return nil, err
 	}
-	tel, err := newTelemetry(cfg)
+	g, err := engine.New(cfg)
 	if err != nil {
 		return nil, err
 	}
-	d := &Dialer{
-		cfg:      cfg,
-		tel:      tel,
-		slots:    make(chan struct{}, cfg.maxConnecting),
-		recovery: cfg.newBackOff(),
-		hosts:    newHostHealth(cfg.newBackOff),
-	}
-	d.closeCtx, d.closeFn = context.WithCancelCause(context.Background())
-	return d, nil
-}
-
-// bind resolves the options for the first configuration the Dialer is
-// installed on and starts the startup delay.
-func (d *Dialer) bind(cfg *pgconn.Config, warm int, forPool bool) {
-	d.bindOnce.Do(func() {
-		d.forPool = forPool
-		d.tel.bind(d.cfg.poolName, cfg)
-		d.plan = d.cfg.plan(warm, dialsPerConnect(cfg))
-		d.limiter = d.cfg.limiter
-		if d.limiter == nil {
-			d.limiter = rate.NewLimiter(d.plan.Rate, d.plan.Burst)
-		}
-		d.release = time.Now().Add(jitter.Uniform(d.plan.StartupWindow, d.cfg.rand()))
-		if d.plan.StartupWindow == 0 {
-			d.released.Store(true)
-		}
-		d.isBound.Store(true)
-	})
-}
-
-// PoolName is the db.client.connection.pool.name the Dialer reports ("" before
-// it is installed).
-func (d *Dialer) PoolName() string {
-	if !d.isBound.Load() {
-		return ""
-	}
-	return d.tel.poolName
-}
-
-// Plan returns what the Dialer resolved from its options once installed
-// (the zero Plan before).
-func (d *Dialer) Plan() Plan {
-	if !d.isBound.Load() {
-		return Plan{}
-	}
-	return d.plan
+	return &Dialer{g: g}, nil
 }
 
 // Install makes the Dialer gate every connection made with cfg: it wraps
-// cfg's DialFunc (or the default one) and composes the Dialer's tracer with
-// cfg.Tracer through pgx's multitracer. It fails if cfg is nil or already
-// has a Dialer installed.
+// cfg's DialFunc (or the default one) and LookupFunc, and composes the
+// Dialer's tracer with cfg.Tracer through pgx's multitracer. It fails if
+// cfg is nil or already has a Dialer installed.
+//
+// With a multi-host connection string (host=a,b), a host whose dial failed,
+// or that accepted and sent nothing until connect_timeout, is skipped
+// without a dial for the retry policy's next interval while another host of
+// the list is up, so a dead first host is not dialed, or waited on, before
+// every connection to the live one ([Stats].HostsSkipped).
 func (d *Dialer) Install(cfg *pgx.ConnConfig) error {
-	return d.install(cfg, 1, false)
+	return d.g.Install(cfg, 1, false)
 }
 
 // InstallPool is [Dialer.Install] for a pool's configuration: connections
@@ -139,64 +60,7 @@ func (d *Dialer) InstallPool(cfg *pgxpool.Config) error {
 	if cfg == nil {
 		return fmt.Errorf("%w: InstallPool(nil)", ErrInvalidOption)
 	}
-	return d.install(cfg.ConnConfig, max(int(cfg.MinConns), int(cfg.MinIdleConns), 1), true)
-}
-
-func (d *Dialer) install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
-	if cfg == nil {
-		return fmt.Errorf("%w: Install(nil)", ErrInvalidOption)
-	}
-	if installed(cfg.Tracer) {
-		return fmt.Errorf("%w: a pgstagger Dialer is already installed on this configuration", ErrInvalidOption)
-	}
-	d.bind(&cfg.Config, warm, forPool)
-	next := cfg.DialFunc
-	if next == nil {
-		var nd net.Dialer
-		next = nd.DialContext
-	}
-	cfg.DialFunc = d.dialFunc(next, hostGroup(&cfg.Config))
-	lookup := cfg.LookupFunc
-	if lookup == nil {
-		lookup = net.DefaultResolver.LookupHost
-	}
-	cfg.LookupFunc = d.lookupFunc(lookup)
-	cfg.AfterNetConnect = afterNetConnect(cfg.AfterNetConnect)
-	t := &tracer{d: d}
-	if cfg.Tracer == nil {
-		cfg.Tracer = t
-	} else {
-		cfg.Tracer = multitracer.New(cfg.Tracer, t)
-	}
-	return nil
-}
-
-// installed reports whether a pgstagger tracer is already part of t.
-func installed(t pgx.QueryTracer) bool {
-	switch t := t.(type) {
-	case *tracer:
-		return true
-	case *multitracer.Tracer:
-		for _, q := range t.QueryTracers {
-			if installed(q) {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// dialsPerConnect is how many TCP connections one connect may cost: one per
-// fallback configuration to the first host (sslmode=prefer lists the host
-// twice, with and without TLS).
-func dialsPerConnect(cfg *pgconn.Config) int {
-	n := 1
-	for _, fb := range cfg.Fallbacks {
-		if fb.Host == cfg.Host && fb.Port == cfg.Port {
-			n++
-		}
-	}
-	return n
+	return d.g.Install(cfg.ConnConfig, max(int(cfg.MinConns), int(cfg.MinIdleConns), 1), true)
 }
 
 // Connect establishes one connection with cfg through the gate, retrying
@@ -208,7 +72,7 @@ func (d *Dialer) Connect(ctx context.Context, cfg *pgx.ConnConfig) (*pgx.Conn, e
 		return nil, fmt.Errorf("%w: Connect with a nil *pgx.ConnConfig", ErrInvalidOption)
 	}
 	cfg = cfg.Copy()
-	if !installed(cfg.Tracer) {
+	if engine.Installed(cfg.Tracer) == nil {
 		if err := d.Install(cfg); err != nil {
 			return nil, err
 		}
@@ -240,6 +104,16 @@ func Connect(ctx context.Context, connString string, opts ...Option) (*pgx.Conn,
 	return d.Connect(ctx, cfg)
 }
 
+// ParseConfig is pgx.ParseConfig with errors that match [ErrInvalidOption]
+// and never contain the password, even where pgx's own would.
+func ParseConfig(connString string) (*pgx.ConnConfig, error) {
+	cfg, err := pgx.ParseConfig(connString)
+	if err != nil {
+		return nil, engine.ConnStringError(connString, err)
+	}
+	return cfg, nil
+}
+
 // Retry runs op until it succeeds or fails other than by a transient
 // connection-establishment failure (see [Classify]); query errors on an
 // established connection are returned at once, never retried. Between
@@ -251,125 +125,25 @@ func Connect(ctx context.Context, connString string, opts ...Option) (*pgx.Conn,
 // the package documentation). The ctx passed to op marks the attempt's
 // number, which spans and logs report.
 func (d *Dialer) Retry(ctx context.Context, op func(ctx context.Context) error) error {
-	return d.retry(ctx, 1, op(withCaller(ctx, 1)), op)
-}
-
-// RetryAfter continues a retry loop whose first attempt, made without
-// [Dialer.Retry], failed with err: it returns err at once unless err is a
-// transient establishment failure, and otherwise waits and calls op as
-// Retry does. It lets a caller keep its first attempt free of any set-up.
-func (d *Dialer) RetryAfter(ctx context.Context, err error, op func(ctx context.Context) error) error {
-	return d.retry(ctx, 1, err, op)
-}
-
-func (d *Dialer) retry(ctx context.Context, attempt int, err error, op func(ctx context.Context) error) error {
-	var policy backoff.BackOff
-	for ; err != nil; attempt++ {
-		if d.closeCtx.Err() != nil && !errors.Is(err, ErrClosed) {
-			return fmt.Errorf("%w: %w", ErrClosed, err)
-		}
-		if !isEstablishment(err) || Classify(err) != Transient {
-			return err
-		}
-		if ctx.Err() != nil {
-			return &GaveUpError{Attempts: attempt, Err: err, ctxErr: ctx.Err()}
-		}
-		if policy == nil {
-			policy = d.cfg.newBackOff()
-		}
-		wait := policy.NextBackOff()
-		if wait == backoff.Stop {
-			return &GaveUpError{Attempts: attempt, Err: err}
-		}
-		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
-			return &GaveUpError{Attempts: attempt, Err: err, ctxErr: context.DeadlineExceeded}
-		}
-		d.stats.retries.Add(1)
-		if d.tel.log != nil {
-			d.tel.log.LogAttrs(ctx, slog.LevelInfo, "pgstagger: retrying connect",
-				slog.String(string(d.tel.poolAttr.Key), d.tel.poolName),
-				slog.Int(string(AttrAttempt), attempt+1),
-				slog.Duration("wait", wait),
-				slog.Any("error", err))
-		}
-		start := d.startWait(waitBackoff)
-		werr := d.sleep(ctx, wait)
-		d.emitWait(ctx, waitBackoff, start, time.Now())
-		if werr != nil {
-			if errors.Is(werr, ErrClosed) {
-				return fmt.Errorf("%w (last attempt: %w)", werr, err)
-			}
-			return &GaveUpError{Attempts: attempt, Err: err, ctxErr: ctx.Err()}
-		}
-		last := err
-		err = op(withCaller(ctx, attempt+1))
-		if Classify(err) == Shed {
-			// The gate could not fit the next attempt before the
-			// deadline: what the caller needs is the last real failure.
-			return &GaveUpError{Attempts: attempt, Err: last, ctxErr: context.DeadlineExceeded}
-		}
-	}
-	return nil
-}
-
-// sleep waits for d, until ctx ends or until the Dialer is closed.
-func (d *Dialer) sleep(ctx context.Context, wait time.Duration) error {
-	if wait <= 0 {
-		return nil
-	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	defer context.AfterFunc(d.closeCtx, func() { cancel(ErrClosed) })()
-	return jitter.Sleep(ctx, wait)
-}
-
-// CallerContext returns ctx marked so that, when a pool establishes a
-// connection for a call made with it, the gate bounds its waits by ctx's
-// deadline and cancellation and sheds at once a wait that cannot fit
-// (pgxpool establishes connections on a context of its own, which keeps the
-// caller's values but not its deadline). While the gate imposes no wait it
-// returns ctx itself, so the call costs one atomic load on the hot path.
-func (d *Dialer) CallerContext(ctx context.Context) context.Context {
-	if !d.congested() || ctx.Done() == nil {
-		return ctx
-	}
-	return withCaller(ctx, 0)
-}
-
-// congested reports whether a new establishment may have to wait.
-func (d *Dialer) congested() bool {
-	if d.inflight.Load() > 0 {
-		return true
-	}
-	if !d.released.Load() && d.isBound.Load() {
-		if time.Now().Before(d.release) {
-			return true
-		}
-		d.released.Store(true)
-	}
-	return d.failing.Load()
+	return d.g.Retry(ctx, op)
 }
 
 // Close ends every wait of the Dialer's establishments and retry loops with
 // [ErrClosed] and cancels establishments in flight. Later establishments fail
 // with ErrClosed. Close is idempotent.
-func (d *Dialer) Close() {
-	d.closeFn(ErrClosed)
+func (d *Dialer) Close() { d.g.Close() }
+
+// Plan is what a Dialer resolved from its options for the connection
+// configuration it was first installed on.
+type Plan struct {
+	StartupWindow time.Duration // window of the startup delay
+	Rate          rate.Limit    // new TCP connections per second (of the shared limiter with WithLimiter)
+	Burst         int
+	MaxConnecting int
+	Warm          int // connections the process opens at start
+	Dials         int // TCP connections one connect may cost
 }
 
-// caller is what withCaller puts in a context for the gate.
-type caller struct {
-	ctx     context.Context
-	attempt int // 0 outside a retry loop
-}
-
-type callerKey struct{}
-
-func withCaller(ctx context.Context, attempt int) context.Context {
-	return context.WithValue(ctx, callerKey{}, &caller{ctx: ctx, attempt: attempt})
-}
-
-func callerOf(ctx context.Context) *caller {
-	c, _ := ctx.Value(callerKey{}).(*caller)
-	return c
-}
+// Plan returns what the Dialer resolved from its options once installed
+// (the zero Plan before).
+func (d *Dialer) Plan() Plan { return Plan(d.g.Plan()) }

@@ -1,250 +1,59 @@
 package dialer
 
-import (
-	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"errors"
-	"fmt"
-	"io"
-	"net"
-	"strings"
-	"syscall"
-	"time"
-
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/puddle/v2"
-)
+import "github.com/pgstagger/pgstagger/internal/engine"
 
 var (
 	// ErrShed reports that a wait pgstagger would impose (startup jitter,
 	// rate limit, connecting slot or backoff) could not end before the
 	// caller's deadline, so the caller was answered at once and the server
-	// was not touched. Errors matching it also match
-	// context.DeadlineExceeded.
-	ErrShed = errors.New("pgstagger: connect shed before touching the server")
+	// was not touched. A wait whose end is known is shed too when it would
+	// leave the caller less than twice the time this Dialer's connects have
+	// been taking (a moving average): the connection would reach the caller
+	// too late to be used, and pgx would close it with the query, wasting
+	// the fork. Errors matching it also match context.DeadlineExceeded.
+	ErrShed = engine.ErrShed
 
 	// ErrClosed reports that the Dialer (or the pool owning it) was closed.
-	ErrClosed = errors.New("pgstagger: closed")
+	ErrClosed = engine.ErrClosed
 
 	// ErrInvalidOption reports an option or connection setting that cannot
 	// work; the error names the option and the value.
-	ErrInvalidOption = errors.New("pgstagger: invalid configuration")
+	ErrInvalidOption = engine.ErrInvalidOption
 )
-
-// shedError is returned for a shed connect: it matches ErrShed and
-// context.DeadlineExceeded and says which wait did not fit.
-type shedError struct {
-	wait    string        // "startup jitter", "rate limit", ...
-	need    time.Duration // how long the wait would have been (0 if unknown)
-	left    time.Duration // time left before the caller's deadline
-	connect time.Duration // time the connect itself was expected to need after the wait
-}
-
-func (e *shedError) Error() string {
-	if e.need > 0 && e.left > 0 && e.need < e.left {
-		return fmt.Sprintf("%v: %s wait of %v would leave less than the %v a connect needs of the %v before the caller's deadline",
-			ErrShed, e.wait, e.need.Round(time.Microsecond), e.connect.Round(time.Microsecond), e.left.Round(time.Microsecond))
-	}
-	if e.need > 0 && e.left > 0 {
-		return fmt.Sprintf("%v: %s wait of %v exceeds the %v left before the caller's deadline",
-			ErrShed, e.wait, e.need.Round(time.Microsecond), e.left.Round(time.Microsecond))
-	}
-	return fmt.Sprintf("%v: caller's deadline passed during the %s wait", ErrShed, e.wait)
-}
-
-func (e *shedError) Unwrap() []error { return []error{ErrShed, context.DeadlineExceeded} }
 
 // GaveUpError is returned when a retry loop stops after transient failures:
 // the policy returned backoff.Stop, the next attempt could not start before
-// the caller's deadline, or the caller's context ended during a wait. Err is
-// the last attempt's error.
-type GaveUpError struct {
-	Attempts int
-	Err      error
-	ctxErr   error // the context error that ended the loop, if any
-}
-
-func (e *GaveUpError) Error() string {
-	why := "retry policy stopped"
-	switch {
-	case errors.Is(e.ctxErr, context.DeadlineExceeded):
-		why = "no time left before the caller's deadline"
-	case e.ctxErr != nil:
-		why = "caller's context ended: " + e.ctxErr.Error()
-	}
-	return fmt.Sprintf("pgstagger: gave up connecting after %d attempts (%s): %v", e.Attempts, why, e.Err)
-}
-
-// Unwrap returns the last attempt's error and, when the caller's context
-// ended the loop, its error (context.DeadlineExceeded or context.Canceled).
-func (e *GaveUpError) Unwrap() []error {
-	if e.ctxErr != nil {
-		return []error{e.Err, e.ctxErr}
-	}
-	return []error{e.Err}
-}
+// the caller's deadline, or the caller's context ended during a wait. Its
+// field Attempts counts the attempts made and Err is the last attempt's
+// error. It unwraps to Err and, when the caller's context ended the loop,
+// to the context's error (context.DeadlineExceeded or context.Canceled).
+type GaveUpError = engine.GaveUpError
 
 // Class is what [Classify] makes of an error from a connection attempt.
-type Class int
+type Class = engine.Class
 
 const (
 	// OK is the class of a nil error.
-	OK Class = iota
+	OK = engine.OK
 	// Transient failures may succeed if tried again later: connection
 	// refused or reset, unexpected EOF, timeouts, SQLSTATE 53300
 	// too_many_connections, 57P01-57P03 (shutdown, crash, cannot connect
 	// now) and class 08 (connection exception).
-	Transient
+	Transient = engine.Transient
 	// Permanent failures will fail again: authentication (28P01, 28000),
 	// unknown database (3D000), missing privilege (42501), TLS certificate
 	// verification, invalid configuration, and anything not known to be
 	// transient.
-	Permanent
+	Permanent = engine.Permanent
 	// Shed is a connect refused by pgstagger before touching the server
 	// ([ErrShed]).
-	Shed
+	Shed = engine.Shed
 	// Closed is a connect ended by closing the Dialer or pool ([ErrClosed]).
-	Closed
+	Closed = engine.Closed
 )
-
-func (c Class) String() string {
-	switch c {
-	case OK:
-		return "ok"
-	case Transient:
-		return "transient"
-	case Permanent:
-		return "permanent"
-	case Shed:
-		return "shed"
-	case Closed:
-		return "closed"
-	}
-	return fmt.Sprintf("Class(%d)", int(c))
-}
 
 // Classify tells how err from a connection attempt should be treated. It
 // looks through wrapping and joined errors (pgconn joins one error per host
 // tried): any permanent cause makes the whole permanent, since retrying
-// cannot fix it.
-func Classify(err error) Class {
-	if err == nil {
-		return OK
-	}
-	switch c := classify(err); c {
-	case unknown:
-		return Permanent
-	default:
-		return c
-	}
-}
-
-const unknown Class = -1
-
-func classify(err error) Class {
-	if c, ok := classifyNode(err); ok {
-		return c
-	}
-	var kids []error
-	switch u := err.(type) {
-	case interface{ Unwrap() error }:
-		if k := u.Unwrap(); k != nil {
-			kids = []error{k}
-		}
-	case interface{ Unwrap() []error }:
-		kids = u.Unwrap()
-	}
-	result := unknown
-	for _, k := range kids {
-		result = combine(result, classify(k))
-	}
-	return result
-}
-
-// combine orders classes by how decisive they are.
-func combine(a, b Class) Class {
-	rank := func(c Class) int {
-		switch c {
-		case Closed:
-			return 5
-		case Shed:
-			return 4
-		case Permanent:
-			return 3
-		case Transient:
-			return 2
-		}
-		return 0
-	}
-	if rank(b) > rank(a) {
-		return b
-	}
-	return a
-}
-
-func classifyNode(err error) (Class, bool) {
-	switch err {
-	case ErrClosed, puddle.ErrClosedPool:
-		return Closed, true
-	case ErrShed:
-		return Shed, true
-	case ErrInvalidOption, context.Canceled:
-		return Permanent, true
-	case context.DeadlineExceeded, io.EOF, io.ErrUnexpectedEOF:
-		return Transient, true
-	}
-	switch e := err.(type) {
-	case *shedError:
-		return Shed, true
-	case *pgconn.PgError:
-		return sqlStateClass(e.Code), true
-	case syscall.Errno:
-		switch e {
-		case syscall.ECONNREFUSED, syscall.ECONNRESET, syscall.ECONNABORTED, syscall.EPIPE,
-			syscall.ETIMEDOUT, syscall.EHOSTUNREACH, syscall.ENETUNREACH, syscall.EAGAIN:
-			return Transient, true
-		}
-		return unknown, false
-	case *tls.CertificateVerificationError, x509.UnknownAuthorityError, x509.HostnameError,
-		x509.CertificateInvalidError, *x509.UnknownAuthorityError, *x509.HostnameError, *x509.CertificateInvalidError:
-		return Permanent, true
-	case *net.DNSError:
-		if e.IsNotFound {
-			return Permanent, true
-		}
-		return Transient, true
-	case *pgconn.ParseConfigError:
-		return Permanent, true
-	}
-	if ne, ok := err.(net.Error); ok && ne.Timeout() {
-		return Transient, true
-	}
-	// pgconn reports a server without TLS under sslmode=require as a plain
-	// error: a configuration mismatch that retrying cannot fix.
-	if strings.Contains(err.Error(), "server refused TLS connection") && errors.Unwrap(err) == nil {
-		return Permanent, true
-	}
-	return unknown, false
-}
-
-func sqlStateClass(code string) Class {
-	switch code {
-	case "53300", // too_many_connections
-		"57P01", // admin_shutdown
-		"57P02", // crash_shutdown
-		"57P03": // cannot_connect_now (starting up, shutting down, recovering)
-		return Transient
-	}
-	if strings.HasPrefix(code, "08") { // connection_exception
-		return Transient
-	}
-	return Permanent
-}
-
-// isEstablishment reports whether err came from establishing a connection (so
-// no query ran and retrying cannot repeat one).
-func isEstablishment(err error) bool {
-	var ce *pgconn.ConnectError
-	return errors.As(err, &ce) || errors.Is(err, ErrShed) || errors.Is(err, ErrClosed)
-}
+// cannot fix it. A closed pgxpool (puddle's ErrClosedPool) is [Closed].
+func Classify(err error) Class { return engine.Classify(err) }

@@ -71,3 +71,14 @@ func ExampleErrShed() {
 	fmt.Println(errors.Is(err, dialer.ErrShed), errors.Is(err, context.DeadlineExceeded))
 	// Output: true true
 }
+
+// A retry loop of your own asks Classify whether to try again.
+func ExampleClassify() {
+	for _, err := range []error{nil, dialer.ErrClosed, fmt.Errorf("%w: bad", dialer.ErrInvalidOption)} {
+		fmt.Println(dialer.Classify(err))
+	}
+	// Output:
+	// ok
+	// closed
+	// permanent
+}

@@ -41,8 +41,12 @@ func FuzzOptions(f *testing.F) {
 			}
 			return
 		}
-		defer d.Close()
-		p := d.cfg.plan(warm, dials)
+		d.Close()
+		cfg, err := newConfig(opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := cfg.Plan(warm, dials)
 		if p.StartupWindow < 0 || !(p.Rate > 0) || p.Burst < 1 || p.MaxConnecting < 1 || p.Warm < 1 || p.Dials < 1 {
 			t.Fatalf("options %v %v %v %v fleet=%v %v %v give an unusable plan %+v", r, burst, window, maxConnecting, fleet, size, budget, p)
 		}

@@ -28,7 +28,7 @@ func TestBucketHoldsAgainstRealServer(t *testing.T) {
 	r := 30.0
 	var mu sync.Mutex
 	var dials []time.Time
-	cfg, err := ParseConfig(db.ConnString(""))
+	cfg, err := ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +43,7 @@ func TestBucketHoldsAgainstRealServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := db.ConnectionsReceived()
+	before := db(t).ConnectionsReceived()
 	var wg sync.WaitGroup
 	conns := make(chan *pgx.Conn, n)
 	for range n {
@@ -61,7 +61,7 @@ func TestBucketHoldsAgainstRealServer(t *testing.T) {
 	for c := range conns {
 		c.Close(context.Background())
 	}
-	if got := db.WaitConnectionsReceived(before+n, 5*time.Second) - before; got != n {
+	if got := db(t).WaitConnectionsReceived(before+n, 5*time.Second) - before; got != n {
 		t.Errorf("server accepted %d connections, want %d", got, n)
 	}
 	slices.SortFunc(dials, func(a, b time.Time) int { return a.Compare(b) })
@@ -83,11 +83,11 @@ func TestPreferDialsTwiceAndBothAreCounted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := ParseConfig(strings.Replace(db.ConnString(""), "sslmode=disable", "sslmode=prefer", 1))
+	cfg, err := ParseConfig(strings.Replace(db(t).ConnString(""), "sslmode=disable", "sslmode=prefer", 1))
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := db.ConnectionsReceived()
+	before := db(t).ConnectionsReceived()
 	const n = 3
 	for range n {
 		c, err := d.Connect(context.Background(), cfg)
@@ -96,7 +96,7 @@ func TestPreferDialsTwiceAndBothAreCounted(t *testing.T) {
 		}
 		c.Close(context.Background())
 	}
-	server := db.WaitConnectionsReceived(before+2*n, 5*time.Second) - before
+	server := db(t).WaitConnectionsReceived(before+2*n, 5*time.Second) - before
 	if s := d.Stats(); s.Dials != 2*n || server != 2*n {
 		t.Errorf("gate counted %d dials and the server %d connections for %d connects, want %d each", s.Dials, server, n, 2*n)
 	}
@@ -119,7 +119,7 @@ func TestStartupJitterSpreadsFirstConnects(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cfg, err := ParseConfig(db.ConnString(""))
+		cfg, err := ParseConfig(db(t).ConnString(""))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -163,7 +163,7 @@ func TestStartupJitterSpreadsFirstConnects(t *testing.T) {
 func TestMaxConnectingCapsEstablishmentsInFlight(t *testing.T) {
 	const limit, callers = 3, 12
 	var active, peak atomic.Int32
-	cfg, err := ParseConfig(db.ConnString(""))
+	cfg, err := ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,12 +206,12 @@ func TestMaxConnectingCapsEstablishmentsInFlight(t *testing.T) {
 }
 
 func TestTransientFailuresAreRetriedUntilTheServerIsBack(t *testing.T) {
-	if err := db.Stop(); err != nil {
+	if err := db(t).Stop(); err != nil {
 		t.Fatal(err)
 	}
 	restarted := make(chan error, 1)
 	var once sync.Once
-	cfg, err := ParseConfig(db.ConnString(""))
+	cfg, err := ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +220,7 @@ func TestTransientFailuresAreRetriedUntilTheServerIsBack(t *testing.T) {
 		c, err := nd.DialContext(ctx, network, addr)
 		if err != nil {
 			// The first refused dial brings the server back.
-			once.Do(func() { go func() { restarted <- db.Start() }() })
+			once.Do(func() { go func() { restarted <- db(t).Start() }() })
 		}
 		return c, err
 	}
@@ -272,9 +272,9 @@ func TestPermanentFailuresAreNotRetried(t *testing.T) {
 	cases := []struct {
 		name, url, sqlstate string
 	}{
-		{"wrong password", db.ConnStringAs("app", "wr0ng-pw-xyz", ""), "28P01"},
-		{"unknown role", db.ConnStringAs("nobody_here", "wr0ng-pw-xyz", ""), "28P01"},
-		{"unknown database", db.ConnStringAs("app", "right-pw", "no_such_db"), "3D000"},
+		{"wrong password", db(t).ConnStringAs("app", "wr0ng-pw-xyz", ""), "28P01"},
+		{"unknown role", db(t).ConnStringAs("nobody_here", "wr0ng-pw-xyz", ""), "28P01"},
+		{"unknown database", db(t).ConnStringAs("app", "right-pw", "no_such_db"), "3D000"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -286,7 +286,7 @@ func TestPermanentFailuresAreNotRetried(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			before := db.ConnectionsReceived()
+			before := db(t).ConnectionsReceived()
 			_, err = d.Connect(context.Background(), cfg)
 			var pgErr *pgconn.PgError
 			if !errors.As(err, &pgErr) || pgErr.Code != c.sqlstate || Classify(err) != Permanent {
@@ -299,7 +299,7 @@ func TestPermanentFailuresAreNotRetried(t *testing.T) {
 			if s := d.Stats(); s.Establishments != 1 || s.Dials != 1 {
 				t.Errorf("stats = %+v, want exactly one attempt and one dial", s)
 			}
-			if got := db.WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
+			if got := db(t).WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
 				t.Errorf("server saw %d connections, want 1", got)
 			}
 			if strings.Contains(err.Error(), "wr0ng-pw-xyz") || strings.Contains(err.Error(), "right-pw") {
@@ -310,7 +310,7 @@ func TestPermanentFailuresAreNotRetried(t *testing.T) {
 }
 
 func TestUserHooksKeepWorking(t *testing.T) {
-	cfg, err := ParseConfig(db.ConnString(""))
+	cfg, err := ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,7 +357,7 @@ func TestCancelRequestWaitsForItsTokenThenCancels(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := ParseConfig(db.ConnString(""))
+	cfg, err := ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -395,7 +395,7 @@ func TestSuccessfulConnectsSetTheShedMargin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := ParseConfig(db.ConnString(""))
+	cfg, err := ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -407,7 +407,7 @@ func TestSuccessfulConnectsSetTheShedMargin(t *testing.T) {
 	took := time.Since(start)
 	c.Close(context.Background())
 	// The margin fits sheds by is twice this average.
-	if got := time.Duration(d.connectTime.Load()); got <= 0 || got > took {
+	if got := d.g.ConnectTime(); got <= 0 || got > took {
 		t.Errorf("average connect time %v after one connect that took %v", got, took)
 	}
 }
@@ -439,7 +439,7 @@ func TestMultiHostDeadHostIsBackedOffNotHammered(t *testing.T) {
 			// The dead host is listed first: pgconn tries it on every
 			// connect, each for up to connect_timeout.
 			dead := deadHost(t)
-			url := strings.Replace(db.ConnString("", "connect_timeout=1"), db.Addr(), dead+","+db.Addr(), 1) +
+			url := strings.Replace(db(t).ConnString("", "connect_timeout=1"), db(t).Addr(), dead+","+db(t).Addr(), 1) +
 				"&target_session_attrs=read-write"
 			cfg, err := ParseConfig(url)
 			if err != nil {
@@ -466,8 +466,8 @@ func TestMultiHostDeadHostIsBackedOffNotHammered(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if got := c.PgConn().Conn().RemoteAddr().String(); got != db.Addr() {
-					t.Errorf("connected to %s, want the live host %s", got, db.Addr())
+				if got := c.PgConn().Conn().RemoteAddr().String(); got != db(t).Addr() {
+					t.Errorf("connected to %s, want the live host %s", got, db(t).Addr())
 				}
 				c.Close(context.Background())
 			}
@@ -477,7 +477,7 @@ func TestMultiHostDeadHostIsBackedOffNotHammered(t *testing.T) {
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			if dials[dead] != 1 || dials[db.Addr()] != n {
+			if dials[dead] != 1 || dials[db(t).Addr()] != n {
 				t.Errorf("dials = %v, want the dead host once (then backed off for the hour) and the live one %d times", dials, n)
 			}
 			if s := d.Stats(); s.HostsSkipped != n-1 || s.OK != n || s.Retries != 0 {

@@ -8,12 +8,17 @@ import (
 	"github.com/pgstagger/pgstagger/internal/testdb"
 )
 
-// db is the package's shared throwaway cluster.
-var db *testdb.Cluster
+// shared is the package's throwaway cluster, started by the first test that
+// needs it: the tests that need no server run without PostgreSQL installed.
+var shared = testdb.NewShared(testdb.Options{Settings: map[string]string{"max_connections": "100"}})
 
-func TestMain(m *testing.M) {
-	testdb.Main(m, &db, testdb.Options{Settings: map[string]string{"max_connections": "100"}})
+// db returns the shared cluster, starting it if it is not running yet.
+func db(tb testing.TB) *testdb.Cluster {
+	tb.Helper()
+	return shared.Get(tb)
 }
+
+func TestMain(m *testing.M) { shared.Main(m) }
 
 // ensureRole creates a login role if it does not exist yet, so tests can run
 // more than once against the shared cluster.
@@ -21,7 +26,7 @@ func ensureRole(t *testing.T, name, password, options string) {
 	t.Helper()
 	sql := fmt.Sprintf(`do $$ begin create role %s login password '%s' %s; exception when duplicate_object then null; end $$`,
 		name, password, options)
-	if err := db.Exec(context.Background(), sql); err != nil {
+	if err := db(t).Exec(context.Background(), sql); err != nil {
 		t.Fatal(err)
 	}
 }

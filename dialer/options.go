@@ -12,6 +12,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 
+	"github.com/pgstagger/pgstagger/internal/engine"
 	"github.com/pgstagger/pgstagger/jitter"
 )
 
@@ -42,42 +43,23 @@ type optionFunc func(*config)
 
 func (f optionFunc) apply(c *config) { f(c) }
 
-// config is what options set. newConfig fills in the documented defaults
-// first; options then override them in order.
+// config is what options set: the engine's Config, and the errors of
+// invalid options. newConfig fills in the documented defaults first;
+// options then override them in order.
 type config struct {
-	window    time.Duration
-	windowSet bool
-
-	limit   rate.Limit
-	burst   int
-	rateSet bool
-	limiter *rate.Limiter
-
-	maxConnecting int
-	newBackOff    func() backoff.BackOff
-
-	fleetSize   int
-	fleetBudget float64
-
-	rand jitter.Rand
-
-	tracerProvider trace.TracerProvider
-	meterProvider  metric.MeterProvider
-	logger         *slog.Logger
-	poolName       string
-
+	engine.Config
 	errs []error
 }
 
-func newConfig(opts ...Option) (*config, error) {
-	c := &config{
-		window:        DefaultStartupJitter,
-		limit:         DefaultConnectRate,
-		burst:         DefaultConnectBurst,
-		maxConnecting: DefaultMaxConnecting,
-		newBackOff:    DefaultBackOff,
-		rand:          jitter.Float64,
-	}
+func newConfig(opts ...Option) (*engine.Config, error) {
+	c := &config{Config: engine.Config{
+		Window:        DefaultStartupJitter,
+		Limit:         DefaultConnectRate,
+		Burst:         DefaultConnectBurst,
+		MaxConnecting: DefaultMaxConnecting,
+		NewBackOff:    DefaultBackOff,
+		Rand:          jitter.Float64,
+	}}
 	for _, o := range opts {
 		if o != nil {
 			o.apply(c)
@@ -86,13 +68,13 @@ func newConfig(opts ...Option) (*config, error) {
 	if len(c.errs) > 0 {
 		return nil, c.errs[0]
 	}
-	if c.tracerProvider == nil {
-		c.tracerProvider = otel.GetTracerProvider()
+	if c.TracerProvider == nil {
+		c.TracerProvider = otel.GetTracerProvider()
 	}
-	if c.meterProvider == nil {
-		c.meterProvider = otel.GetMeterProvider()
+	if c.MeterProvider == nil {
+		c.MeterProvider = otel.GetMeterProvider()
 	}
-	return c, nil
+	return &c.Config, nil
 }
 
 func (c *config) invalid(format string, args ...any) {
@@ -110,7 +92,7 @@ func WithStartupJitter(window time.Duration) Option {
 			c.invalid("WithStartupJitter(%v): window must not be negative", window)
 			return
 		}
-		c.window, c.windowSet = window, true
+		c.Window, c.WindowSet = window, true
 	})
 }
 
@@ -130,7 +112,7 @@ func WithConnectRate(r rate.Limit, burst int) Option {
 			c.invalid("WithConnectRate(%v, %d): burst must be at least 1", float64(r), burst)
 			return
 		}
-		c.limit, c.burst, c.rateSet, c.limiter = r, burst, true, nil
+		c.Limit, c.Burst, c.RateSet, c.Limiter = r, burst, true, nil
 	})
 }
 
@@ -148,7 +130,7 @@ func WithLimiter(l *rate.Limiter) Option {
 			c.invalid("WithLimiter: limiter burst %d admits no connection", l.Burst())
 			return
 		}
-		c.limiter, c.rateSet = l, true
+		c.Limiter, c.RateSet = l, true
 	})
 }
 
@@ -161,7 +143,7 @@ func WithMaxConnecting(n int) Option {
 			c.invalid("WithMaxConnecting(%d): n must be at least 1", n)
 			return
 		}
-		c.maxConnecting = n
+		c.MaxConnecting = n
 	})
 }
 
@@ -170,13 +152,21 @@ func WithMaxConnecting(n int) Option {
 // state), since a backoff.BackOff keeps per-use state; backoff.Stop from it
 // ends the loop with a [*GaveUpError]. Default [DefaultBackOff]: exponential
 // from 100ms doubling to 5s, giving up after 30s, with full jitter.
+//
+// After a transient failure, every later establishment of the process, in
+// a retry loop or not, waits the longer of the shared policy's next
+// interval and a fresh draw over the startup window counted from when the
+// bucket next holds a token, so that a fleet that loses its server together
+// comes back spread out, as at a fresh start. A dial refused at the TCP
+// level, or reset or closed before the server sent a byte, gives its token
+// back: the server forked nothing for it.
 func WithBackOff(newPolicy func() backoff.BackOff) Option {
 	return optionFunc(func(c *config) {
 		if newPolicy == nil {
 			c.invalid("WithBackOff(nil): policy constructor must not be nil")
 			return
 		}
-		c.newBackOff = newPolicy
+		c.NewBackOff = newPolicy
 	})
 }
 
@@ -204,7 +194,7 @@ func WithFleet(size int, serverBudget float64) Option {
 			c.invalid("WithFleet(%d, %v): serverBudget must be a positive number of connections per second", size, serverBudget)
 			return
 		}
-		c.fleetSize, c.fleetBudget = size, serverBudget
+		c.FleetSize, c.FleetBudget = size, serverBudget
 	})
 }
 
@@ -218,16 +208,24 @@ func WithRand(r jitter.Rand) Option {
 			c.invalid("WithRand(nil): draw must not be nil")
 			return
 		}
-		c.rand = r
+		c.Rand = r
 	})
 }
 
 // WithTracerProvider sets where connect spans go. nil is ignored. Default:
 // the global provider (otel.GetTracerProvider) when the Dialer is created.
+//
+// Every establishment gets a pgstagger.connect span: a child of the
+// caller's span, or the root of a trace of its own for a pool's background
+// work ([ReasonWarmUp], [ReasonRefill]). Child spans cover each wait the
+// gate imposed (pgstagger.wait.*), the lookup, each TCP dial, the TLS
+// handshake and server startup; [AttrPostmasterResponseTime] is measured on
+// the wire. Failures carry error.type and db.response.status_code (the
+// SQLSTATE). No span carries a password.
 func WithTracerProvider(tp trace.TracerProvider) Option {
 	return optionFunc(func(c *config) {
 		if tp != nil {
-			c.tracerProvider = tp
+			c.TracerProvider = tp
 		}
 	})
 }
@@ -235,10 +233,15 @@ func WithTracerProvider(tp trace.TracerProvider) Option {
 // WithMeterProvider sets where the connection metrics go. nil is ignored.
 // Default: the global provider (otel.GetMeterProvider) when the Dialer is
 // created.
+//
+// The metrics are db.client.connection.create_time (semantic conventions),
+// pgstagger.connect.attempts by [AttrOutcome], pgstagger.connect.wait_time by
+// [AttrWait] and pgstagger.postmaster.response_time, with histogram
+// boundaries from 0.5ms to 60s.
 func WithMeterProvider(mp metric.MeterProvider) Option {
 	return optionFunc(func(c *config) {
 		if mp != nil {
-			c.meterProvider = mp
+			c.MeterProvider = mp
 		}
 	})
 }
@@ -247,7 +250,7 @@ func WithMeterProvider(mp metric.MeterProvider) Option {
 // (Info) and sheds (Info) to l. Lines carry the pool name, server address,
 // reason, attempt and error, never a password. Default: no logging.
 func WithLogger(l *slog.Logger) Option {
-	return optionFunc(func(c *config) { c.logger = l })
+	return optionFunc(func(c *config) { c.Logger = l })
 }
 
 // WithPoolName sets the db.client.connection.pool.name attribute of spans,
@@ -255,53 +258,7 @@ func WithLogger(l *slog.Logger) Option {
 // the configuration the Dialer is first installed on, as the semantic
 // conventions suggest.
 func WithPoolName(name string) Option {
-	return optionFunc(func(c *config) { c.poolName = name })
-}
-
-// minFleetRate is the floor of the per-process rate WithFleet derives: one
-// connection a minute, so that a huge fleet still lets each process replace
-// a lost connection in bounded time.
-const minFleetRate rate.Limit = 1.0 / 60
-
-// Plan is what a Dialer resolved from its options for the connection
-// configuration it was first installed on.
-type Plan struct {
-	StartupWindow time.Duration // window of the startup delay
-	Rate          rate.Limit    // new TCP connections per second (of the shared limiter with WithLimiter)
-	Burst         int
-	MaxConnecting int
-	Warm          int // connections the process opens at start
-	Dials         int // TCP connections one connect may cost
-}
-
-// plan resolves the options for a process that opens warm connections at
-// start, each costing up to dials TCP connections.
-func (c *config) plan(warm, dials int) Plan {
-	warm, dials = max(warm, 1), max(dials, 1)
-	p := Plan{StartupWindow: c.window, Rate: c.limit, Burst: c.burst, MaxConnecting: c.maxConnecting, Warm: warm, Dials: dials}
-	if c.fleetSize > 0 {
-		demand := float64(c.fleetSize) * float64(warm) * float64(dials)
-		if !c.windowSet {
-			p.StartupWindow = saturatingSeconds(demand / c.fleetBudget)
-		}
-		if !c.rateSet {
-			p.Rate = max(rate.Limit(c.fleetBudget/float64(c.fleetSize)), minFleetRate)
-			p.Burst = int(min(float64(warm)*float64(dials), math.MaxInt32))
-		}
-	}
-	if c.limiter != nil {
-		p.Rate, p.Burst = c.limiter.Limit(), c.limiter.Burst()
-	}
-	return p
-}
-
-// saturatingSeconds converts s seconds to a Duration, saturating at the
-// longest one instead of overflowing.
-func saturatingSeconds(s float64) time.Duration {
-	if s >= float64(math.MaxInt64)/float64(time.Second) {
-		return math.MaxInt64
-	}
-	return time.Duration(s * float64(time.Second))
+	return optionFunc(func(c *config) { c.PoolName = name })
 }
 
 // DefaultBackOff is the default retry policy: exponential from 100ms,

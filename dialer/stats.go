@@ -1,8 +1,9 @@
 package dialer
 
 import (
-	"sync/atomic"
 	"time"
+
+	"github.com/pgstagger/pgstagger/internal/engine"
 )
 
 // Stats is a snapshot of what a Dialer has done since it was created.
@@ -36,51 +37,28 @@ type WaitStats struct {
 
 // Stats returns a snapshot of the Dialer's counters.
 func (d *Dialer) Stats() Stats {
-	s := &d.stats
-	return Stats{
-		Establishments: s.establishments.Load(),
-		OK:             s.ok.Load(),
-		Transient:      s.transient.Load(),
-		Permanent:      s.permanent.Load(),
-		Closed:         s.closedCount.Load(),
-		Shed:           s.shed.Load(),
-		Retries:        s.retries.Load(),
-		Dials:          s.dials.Load(),
-		Refunds:        s.refunds.Load(),
-		CancelDials:    s.cancelDials.Load(),
-		CancelsSkipped: s.cancelsSkipped.Load(),
-		HostsSkipped:   s.hostsSkipped.Load(),
-		CancelsShed:    s.cancelsShed.Load(),
-		JitterWait:     s.waits[waitJitter].load(),
-		RateWait:       s.waits[waitRate].load(),
-		SlotWait:       s.waits[waitSlot].load(),
-		BackoffWait:    s.waits[waitBackoff].load(),
+	c := d.g.Counters()
+	wait := func(k engine.WaitKind) WaitStats {
+		w := &c.Waits[k]
+		return WaitStats{Count: w.Count.Load(), Total: time.Duration(w.Total.Load()), Waiting: w.Waiting.Load()}
 	}
-}
-
-type counters struct {
-	establishments, ok, transient, permanent, closedCount atomic.Int64
-	shed, retries, dials, refunds, cancelDials            atomic.Int64
-	cancelsSkipped, hostsSkipped, cancelsShed             atomic.Int64
-
-	waits [numWaitKinds]waitCounter
-}
-
-type waitCounter struct{ count, total, waiting atomic.Int64 }
-
-// add records a wait of d that ended; each follows a startWait.
-func (w *waitCounter) add(d time.Duration) {
-	w.waiting.Add(-1)
-	w.count.Add(1)
-	w.total.Add(int64(d))
-}
-
-func (w *waitCounter) load() WaitStats {
-	return WaitStats{Count: w.count.Load(), Total: time.Duration(w.total.Load()), Waiting: w.waiting.Load()}
-}
-
-// startWait records that a wait of kind began; [Dialer.emitWait] ends it.
-func (d *Dialer) startWait(kind waitKind) time.Time {
-	d.stats.waits[kind].waiting.Add(1)
-	return time.Now()
+	return Stats{
+		Establishments: c.Establishments.Load(),
+		OK:             c.OK.Load(),
+		Transient:      c.Transient.Load(),
+		Permanent:      c.Permanent.Load(),
+		Closed:         c.Closed.Load(),
+		Shed:           c.Shed.Load(),
+		Retries:        c.Retries.Load(),
+		Dials:          c.Dials.Load(),
+		Refunds:        c.Refunds.Load(),
+		CancelDials:    c.CancelDials.Load(),
+		CancelsSkipped: c.CancelsSkipped.Load(),
+		CancelsShed:    c.CancelsShed.Load(),
+		HostsSkipped:   c.HostsSkipped.Load(),
+		JitterWait:     wait(engine.WaitJitter),
+		RateWait:       wait(engine.WaitRate),
+		SlotWait:       wait(engine.WaitSlot),
+		BackoffWait:    wait(engine.WaitBackoff),
+	}
 }

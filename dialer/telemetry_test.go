@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/pgstagger/pgstagger/internal/engine"
 	"github.com/pgstagger/pgstagger/internal/oteltest"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -105,7 +106,7 @@ func TestConnectSpanTree(t *testing.T) {
 	}
 	// sslmode=prefer against a server without TLS: a refused TLS attempt,
 	// then a second dial in plain text.
-	cfg, err := ParseConfig(strings.Replace(db.ConnString(""), "sslmode=disable", "sslmode=prefer", 1))
+	cfg, err := ParseConfig(strings.Replace(db(t).ConnString(""), "sslmode=disable", "sslmode=prefer", 1))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +119,7 @@ func TestConnectSpanTree(t *testing.T) {
 	conn.Close(context.Background())
 
 	spans := env.Spans.Ended()
-	connects := named(spans, spanConnect)
+	connects := named(spans, engine.SpanConnect)
 	if len(connects) != 1 {
 		t.Fatalf("%d connect spans in %v, want 1", len(connects), spanNames(spans))
 	}
@@ -132,7 +133,7 @@ func TestConnectSpanTree(t *testing.T) {
 	want := map[attribute.Key]attribute.Value{
 		semconv.DBSystemNameKey:               semconv.DBSystemNamePostgreSQL.Value,
 		semconv.ServerAddressKey:              attribute.StringValue("127.0.0.1"),
-		semconv.ServerPortKey:                 attribute.IntValue(db.Port()),
+		semconv.ServerPortKey:                 attribute.IntValue(db(t).Port()),
 		semconv.DBNamespaceKey:                attribute.StringValue("postgres"),
 		semconv.DBClientConnectionPoolNameKey: attribute.StringValue("orders"),
 		AttrAttempt:                           attribute.IntValue(1),
@@ -151,27 +152,27 @@ func TestConnectSpanTree(t *testing.T) {
 	kids := childrenOf(spans, cs)
 	got := spanNames(kids)
 	// pgconn resolves the host once per fallback: prefer lists it twice.
-	wantOrder := []string{"pgstagger.wait.startup_jitter", "pgstagger.wait.rate_limit", spanSetup, spanLookup, spanLookup,
-		spanDial, spanTLS, "pgstagger.wait.rate_limit", spanDial, spanStartup}
+	wantOrder := []string{"pgstagger.wait.startup_jitter", "pgstagger.wait.rate_limit", engine.SpanSetup, engine.SpanLookup, engine.SpanLookup,
+		engine.SpanDial, engine.SpanTLS, "pgstagger.wait.rate_limit", engine.SpanDial, engine.SpanStartup}
 	if !slices.Equal(got, wantOrder) {
 		t.Errorf("children = %v\nwant      %v", got, wantOrder)
 	}
 	if c := coverage(cs, kids); c < 0.95 {
 		t.Errorf("children cover %.1f%% of the connect span, want at least 95%%", 100*c)
 	}
-	if tls := named(kids, spanTLS); len(tls) == 1 {
+	if tls := named(kids, engine.SpanTLS); len(tls) == 1 {
 		if refused, _ := attrOf(tls[0], "pgstagger.tls.refused"); !refused.AsBool() {
 			t.Errorf("TLS span does not say the server refused TLS")
 		}
 	}
-	for _, dial := range named(kids, spanDial) {
+	for _, dial := range named(kids, engine.SpanDial) {
 		if rt, ok := attrOf(dial, AttrPostmasterResponseTime); !ok || rt.AsFloat64() <= 0 {
 			t.Errorf("dial span has no positive postmaster response time")
 		}
 		if addr, _ := attrOf(dial, semconv.NetworkPeerAddressKey); addr.AsString() != "127.0.0.1" {
 			t.Errorf("dial span network.peer.address = %q", addr.AsString())
 		}
-		if port, _ := attrOf(dial, semconv.NetworkPeerPortKey); port.AsInt64() != int64(db.Port()) {
+		if port, _ := attrOf(dial, semconv.NetworkPeerPortKey); port.AsInt64() != int64(db(t).Port()) {
 			t.Errorf("dial span network.peer.port = %d", port.AsInt64())
 		}
 	}
@@ -251,7 +252,7 @@ func TestFailedAttemptsAreSeparateSpansWithSQLSTATE(t *testing.T) {
 	// 57P03 would be retried; a too-many-connections server is easiest to
 	// make: a role limited to zero connections gets 53300.
 	ensureRole(t, "limited", "pw-limited-7", "connection limit 0")
-	cfg, err := ParseConfig(db.ConnStringAs("limited", "pw-limited-7", ""))
+	cfg, err := ParseConfig(db(t).ConnStringAs("limited", "pw-limited-7", ""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +263,7 @@ func TestFailedAttemptsAreSeparateSpansWithSQLSTATE(t *testing.T) {
 		t.Fatalf("err = %v, want transient 53300 after the retries", err)
 	}
 	spans := env.Spans.Ended()
-	connects := named(spans, spanConnect)
+	connects := named(spans, engine.SpanConnect)
 	if len(connects) != 3 {
 		t.Fatalf("%d connect spans, want 3 attempts", len(connects))
 	}
@@ -337,15 +338,15 @@ func TestTLSHandshakeSpan(t *testing.T) {
 	}
 	conn.Close(context.Background())
 	spans := env.Spans.Ended()
-	cs := named(spans, spanConnect)[0]
+	cs := named(spans, engine.SpanConnect)[0]
 	kids := childrenOf(spans, cs)
-	if got, want := spanNames(kids), []string{spanSetup, spanLookup, spanDial, spanTLS, spanStartup}; !slices.Equal(got, want) {
+	if got, want := spanNames(kids), []string{engine.SpanSetup, engine.SpanLookup, engine.SpanDial, engine.SpanTLS, engine.SpanStartup}; !slices.Equal(got, want) {
 		t.Errorf("children = %v, want %v", got, want)
 	}
 	if cov := coverage(cs, kids); cov < 0.95 {
 		t.Errorf("children cover %.1f%%, want at least 95%%", 100*cov)
 	}
-	if tls := named(kids, spanTLS); len(tls) == 1 && tls[0].Status().Code == codes.Error {
+	if tls := named(kids, engine.SpanTLS); len(tls) == 1 && tls[0].Status().Code == codes.Error {
 		t.Errorf("TLS span failed: %v", tls[0].Status())
 	}
 }

@@ -15,7 +15,7 @@ import (
 func benchPools(b *testing.B) (*Pool, *pgxpool.Pool) {
 	b.Helper()
 	ctx := context.Background()
-	url := db.ConnString("", "pool_max_conns=4")
+	url := db(b).ConnString("", "pool_max_conns=4")
 	ours, err := New(ctx, url, fast...)
 	if err != nil {
 		b.Fatal(err)
@@ -111,7 +111,7 @@ func BenchmarkExec(b *testing.B) {
 // benchstat summarises it across -count runs.
 func BenchmarkPaired(b *testing.B) {
 	ctx := context.Background()
-	ours, err := New(ctx, db.ConnString("", "pool_max_conns=1"), fast...)
+	ours, err := New(ctx, db(b).ConnString("", "pool_max_conns=1"), fast...)
 	if err != nil {
 		b.Fatal(err)
 	}

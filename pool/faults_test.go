@@ -142,7 +142,7 @@ func TestCrashRecoveryIsRetriedThrough57P03(t *testing.T) {
 	if starting == 0 {
 		t.Errorf("no attempt saw 57P03 (%d other transient failures); the test did not reach recovery", other)
 	}
-	st := p.Stats()
+	st := p.Dialer().Stats()
 	if st.OK != 1 || st.Permanent != 0 {
 		t.Errorf("stats: %d OK, %d permanent; want 1, 0", st.OK, st.Permanent)
 	}
@@ -242,7 +242,7 @@ func TestExhaustedServerIsRetriedWithBackoffUntilASlotFrees(t *testing.T) {
 	if want := int64(failures + more + 1); got != want {
 		t.Errorf("server received %d connections, want %d (attempts)", got, want)
 	}
-	if st := p.Stats(); st.Retries != int64(failures+more) {
+	if st := p.Dialer().Stats(); st.Retries != int64(failures+more) {
 		t.Errorf("stats: %d retries, want %d", st.Retries, failures+more)
 	}
 }
@@ -338,7 +338,7 @@ func TestFrozenPostmasterEndsConnectsAtTheirDeadlines(t *testing.T) {
 			t.Errorf("caller %d returned after %v, %v past its deadline", i, took[i], took[i]-deadline)
 		}
 	}
-	st := p.Stats()
+	st := p.Dialer().Stats()
 	if st.Transient == 0 {
 		t.Errorf("no attempt ended at connect_timeout (stats %+v)", st)
 	}
@@ -369,7 +369,7 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 		if err != nil {
 			t.Fatal(err)
 		}
-		url := strings.Replace(db.ConnString("", "pool_max_conns=8"), db.Addr(), l.Addr().String(), 1)
+		url := strings.Replace(db(t).ConnString("", "pool_max_conns=8"), db(t).Addr(), l.Addr().String(), 1)
 		l.Close()
 		return url
 	}
@@ -402,7 +402,7 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 	}
 	for _, k := range kinds {
 		t.Run(k.name, func(t *testing.T) {
-			url := db.ConnString("", "pool_max_conns=8")
+			url := db(t).ConnString("", "pool_max_conns=8")
 			if k.url != nil {
 				url = k.url(t)
 			}
@@ -427,14 +427,14 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 			// Every caller is in the gate: in the wait under test, or (k.in
 			// of them) past it, connecting.
 			waiting := func() int64 {
-				s := p.Stats()
+				s := p.Dialer().Stats()
 				return s.JitterWait.Waiting + s.RateWait.Waiting + s.SlotWait.Waiting + s.BackoffWait.Waiting
 			}
 			for waiting() < n-int64(k.in) {
 				time.Sleep(time.Millisecond) // polling: the gate signals nothing on entering a wait
 			}
-			if k.wait(p.Stats()).Waiting == 0 {
-				t.Fatalf("no caller is in the %s wait: %+v", k.name, p.Stats())
+			if k.wait(p.Dialer().Stats()).Waiting == 0 {
+				t.Fatalf("no caller is in the %s wait: %+v", k.name, p.Dialer().Stats())
 			}
 			start := time.Now()
 			p.Close()
@@ -605,7 +605,7 @@ func TestRestartUnderLoad(t *testing.T) {
 	if most := 2 * (burst + int(rateLimit*outage.Seconds()+1)); refused > most {
 		t.Errorf("%d refused dials in the %v outage, want at most %d", refused, outage, most)
 	}
-	t.Logf("outage %v: %d dials refused, %d answered from the stop on; %d calls failed; stats %+v", outage, refused, len(since), len(failed), p.Stats())
+	t.Logf("outage %v: %d dials refused, %d answered from the stop on; %d calls failed; stats %+v", outage, refused, len(since), len(failed), p.Dialer().Stats())
 
 	p.Close()
 	if err := goleak.Find(ignore...); err != nil {
@@ -702,9 +702,9 @@ func TestCancelStormStaysWithinTheBudgetAndQueriesStillCancel(t *testing.T) {
 	// connection; every one is sent, at the bucket's pace, and every
 	// waiting query ends while the lock is still held.
 	end := time.Now().Add(15 * time.Second)
-	for p.Stats().CancelDials < n || waiters() > 0 {
+	for p.Dialer().Stats().CancelDials < n || waiters() > 0 {
 		if time.Now().After(end) {
-			t.Fatalf("15s after the storm: %d cancel dials, %d queries still waiting; stats %+v", p.Stats().CancelDials, waiters(), p.Stats())
+			t.Fatalf("15s after the storm: %d cancel dials, %d queries still waiting; stats %+v", p.Dialer().Stats().CancelDials, waiters(), p.Dialer().Stats())
 		}
 		time.Sleep(20 * time.Millisecond) // polling: the server signals nothing
 	}
@@ -717,8 +717,8 @@ func TestCancelStormStaysWithinTheBudgetAndQueriesStillCancel(t *testing.T) {
 	}
 	mu.Unlock()
 	checkPaced(t, storm, rateLimit, burst)
-	if s := p.Stats(); s.CancelsShed != 0 {
+	if s := p.Dialer().Stats(); s.CancelsShed != 0 {
 		t.Errorf("%d cancels not sent; stats %+v", s.CancelsShed, s)
 	}
-	t.Logf("%d dials in the storm over %v; stats %+v", len(storm), storm[len(storm)-1].Sub(stormAt), p.Stats())
+	t.Logf("%d dials in the storm over %v; stats %+v", len(storm), storm[len(storm)-1].Sub(stormAt), p.Dialer().Stats())
 }

@@ -114,7 +114,7 @@ func TestClosedConnectionsAreForgotten(t *testing.T) {
 
 func TestExpiredConnectionIsReplacedOnRealServer(t *testing.T) {
 	ctx := context.Background()
-	cfg, err := pgxpool.ParseConfig(db.ConnString("", "pool_max_conns=1"))
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString("", "pool_max_conns=1"))
 	if err != nil {
 		t.Fatal(err)
 	}

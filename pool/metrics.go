@@ -14,7 +14,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/semconv/v1.43.0/dbconv"
 
-	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/internal/engine"
 )
 
 // poolMetrics reports the pool by the semantic conventions for database
@@ -47,8 +47,8 @@ type poolMetrics struct {
 // join to the configuration's, or nil when acquire-path metrics are off.
 // [poolMetrics.observe] starts reporting counts once the pool exists.
 func newPoolMetrics(mp metric.MeterProvider, name string) (*poolMetrics, pgx.QueryTracer, error) {
-	m := mp.Meter(dialer.ScopeName)
-	buckets := metric.WithExplicitBucketBoundaries(dialer.DurationBuckets...)
+	m := engine.Meter(mp)
+	buckets := metric.WithExplicitBucketBoundaries(engine.DurationBuckets...)
 	pm := &poolMetrics{meter: m, name: name, set: attribute.NewSet(semconv.DBClientConnectionPoolName(name))}
 	var errs []error
 	add := func(err error) { errs = append(errs, err) }

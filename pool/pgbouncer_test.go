@@ -27,7 +27,7 @@ func startPgBouncer(t *testing.T, c *testdb.Cluster, opts testdb.PgBouncerOption
 func TestPgBouncerTransactionModeWithTheDocumentedExecModes(t *testing.T) {
 	// One server connection behind PgBouncer: every transaction of every
 	// client connection runs on it, in turn.
-	b := startPgBouncer(t, db, testdb.PgBouncerOptions{PoolMode: "transaction", DefaultPoolSize: 1})
+	b := startPgBouncer(t, db(t), testdb.PgBouncerOptions{PoolMode: "transaction", DefaultPoolSize: 1})
 	for _, mode := range []string{"exec", "simple_protocol"} {
 		t.Run(mode, func(t *testing.T) {
 			p := newPool(t, b.ConnString("", "pool_max_conns=4", "default_query_exec_mode="+mode), fast...)
@@ -58,7 +58,7 @@ func TestPgBouncerTransactionModeWithTheDocumentedExecModes(t *testing.T) {
 					t.Fatalf("through PgBouncer in transaction mode with %s: %v", mode, err)
 				}
 			}
-			if s := p.Stats(); s.OK < 2 || s.Permanent != 0 {
+			if s := p.Dialer().Stats(); s.OK < 2 || s.Permanent != 0 {
 				t.Errorf("stats %+v: want several connections through the gate, none failing", s)
 			}
 		})
@@ -66,7 +66,7 @@ func TestPgBouncerTransactionModeWithTheDocumentedExecModes(t *testing.T) {
 }
 
 func TestPgBouncerMaxClientConnIsRetriedLike53300(t *testing.T) {
-	b := startPgBouncer(t, db, testdb.PgBouncerOptions{PoolMode: "transaction", MaxClientConn: 2})
+	b := startPgBouncer(t, db(t), testdb.PgBouncerOptions{PoolMode: "transaction", MaxClientConn: 2})
 	retriedUntilASlotFrees(t, full{url: b.ConnString("", "default_query_exec_mode=exec"), slots: 2, refusal: func(err error) string {
 		var pe *pgconn.PgError
 		if !errors.As(err, &pe) || pe.Code != "08P01" || !strings.Contains(pe.Message, "max_client_conn") {

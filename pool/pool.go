@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/puddle/v2"
 
 	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/internal/engine"
 )
 
 // ErrClosed is returned (wrapped) by a closed pool's methods, and ends the
@@ -27,6 +28,7 @@ var ErrClosed = dialer.ErrClosed
 type Pool struct {
 	p       *pgxpool.Pool
 	d       *dialer.Dialer
+	g       *engine.Gate    // d's engine
 	config  *pgxpool.Config // the caller's configuration, as given
 	life    *lifetimes      // nil without lifetime jitter
 	metrics *poolMetrics
@@ -39,9 +41,9 @@ type Pool struct {
 // strings fail with an error matching [dialer.ErrInvalidOption] that names
 // the option or setting and never contains the password.
 func New(ctx context.Context, connString string, opts ...Option) (*Pool, error) {
-	cfg, err := dialer.ParsePoolConfig(connString)
+	cfg, err := pgxpool.ParseConfig(connString)
 	if err != nil {
-		return nil, err
+		return nil, engine.ConnStringError(connString, err)
 	}
 	return NewWithConfig(ctx, cfg, opts...)
 }
@@ -84,12 +86,13 @@ func NewWithConfig(ctx context.Context, cfg *pgxpool.Config, opts ...Option) (*P
 	if err := d.InstallPool(inner); err != nil {
 		return nil, err
 	}
-	metrics, hooks, err := newPoolMetrics(pc.meterProvider, d.PoolName())
+	p.g = engine.Installed(inner.ConnConfig.Tracer)
+	metrics, hooks, err := newPoolMetrics(pc.meterProvider, p.g.PoolName())
 	if err != nil {
 		return nil, err
 	}
 	join(inner.ConnConfig, hooks)
-	p.p, err = pgxpool.NewWithConfig(dialer.WarmUpContext(ctx), inner)
+	p.p, err = pgxpool.NewWithConfig(engine.WarmUpContext(ctx), inner)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", dialer.ErrInvalidOption, err)
 	}
@@ -129,7 +132,7 @@ func (p *Pool) Close() {
 // gate if needed and retrying transient connect failures (see
 // [dialer.Dialer.Retry]).
 func (p *Pool) Acquire(ctx context.Context) (*pgxpool.Conn, error) {
-	ctx = p.d.CallerContext(ctx)
+	ctx = p.g.CallerContext(ctx)
 	c, err := p.p.Acquire(ctx)
 	if err != nil {
 		return p.acquireSlow(ctx, err)
@@ -147,7 +150,7 @@ func (p *Pool) acquireSlow(ctx context.Context, err error) (c *pgxpool.Conn, _ e
 
 // retry continues with op after a first attempt failed with err.
 func (p *Pool) retry(ctx context.Context, err error, op func(context.Context) error) error {
-	err = p.d.RetryAfter(ctx, err, op)
+	err = p.g.RetryAfter(ctx, err, op)
 	if errors.Is(err, puddle.ErrClosedPool) && !errors.Is(err, ErrClosed) {
 		err = fmt.Errorf("%w: %w", ErrClosed, err)
 	}
@@ -186,7 +189,7 @@ func (p *Pool) Stat() *pgxpool.Stat { return p.p.Stat() }
 // Exec acquires a connection, executes sql and releases the connection.
 // Connect failures are retried; errors from the query never are.
 func (p *Pool) Exec(ctx context.Context, sql string, arguments ...any) (pgconn.CommandTag, error) {
-	ctx = p.d.CallerContext(ctx)
+	ctx = p.g.CallerContext(ctx)
 	tag, err := p.p.Exec(ctx, sql, arguments...)
 	if err != nil {
 		return p.execSlow(ctx, err, sql, arguments)
@@ -205,7 +208,7 @@ func (p *Pool) execSlow(ctx context.Context, err error, sql string, arguments []
 // Query acquires a connection and runs sql; the connection is released when
 // the rows are closed. Connect failures are retried; query errors never are.
 func (p *Pool) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
-	ctx = p.d.CallerContext(ctx)
+	ctx = p.g.CallerContext(ctx)
 	rows, err := p.p.Query(ctx, sql, args...)
 	if err != nil {
 		return p.querySlow(ctx, err, rows, sql, args)
@@ -260,7 +263,7 @@ func (p *Pool) Begin(ctx context.Context) (pgx.Tx, error) {
 
 // BeginTx is [Pool.Begin] with transaction options.
 func (p *Pool) BeginTx(ctx context.Context, txOptions pgx.TxOptions) (pgx.Tx, error) {
-	ctx = p.d.CallerContext(ctx)
+	ctx = p.g.CallerContext(ctx)
 	t, err := p.p.BeginTx(ctx, txOptions)
 	if err != nil {
 		return p.beginSlow(ctx, err, txOptions)
@@ -297,6 +300,3 @@ func (p *Pool) Ping(ctx context.Context) error {
 	defer c.Release()
 	return c.Ping(ctx)
 }
-
-// Stats is a shorthand for p.Dialer().Stats().
-func (p *Pool) Stats() dialer.Stats { return p.d.Stats() }

@@ -73,16 +73,16 @@ func sameSignature(a, b reflect.Type) bool {
 }
 
 func TestNewDoesNotBlockOrConnect(t *testing.T) {
-	before := db.ConnectionsReceived()
-	p, err := New(context.Background(), db.ConnString("", "pool_min_conns=4"), WithStartupJitter(time.Hour))
+	before := db(t).ConnectionsReceived()
+	p, err := New(context.Background(), db(t).ConnString("", "pool_min_conns=4"), WithStartupJitter(time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	if got := db.ConnectionsReceived() - before; got != 0 {
+	if got := db(t).ConnectionsReceived() - before; got != 0 {
 		t.Errorf("New made %d connections; warm-up must wait for the startup delay", got)
 	}
-	if s := p.Stats(); s.Dials != 0 {
+	if s := p.Dialer().Stats(); s.Dials != 0 {
 		t.Errorf("dials = %d right after New", s.Dials)
 	}
 }
@@ -94,13 +94,13 @@ func TestInvalidInputFailsInNew(t *testing.T) {
 		opts []Option
 		want []string
 	}{
-		{"bad rate", db.ConnString(""), []Option{WithConnectRate(0, 1)}, []string{"WithConnectRate", "0"}},
-		{"bad fleet", db.ConnString(""), []Option{WithFleet(-1, 10)}, []string{"WithFleet", "-1"}},
-		{"bad lifetime jitter", db.ConnString(""), []Option{WithLifetimeJitter(-time.Second)}, []string{"WithLifetimeJitter", "-1s"}},
-		{"bad max connecting", db.ConnString(""), []Option{WithMaxConnecting(-2)}, []string{"WithMaxConnecting", "-2"}},
+		{"bad rate", db(t).ConnString(""), []Option{WithConnectRate(0, 1)}, []string{"WithConnectRate", "0"}},
+		{"bad fleet", db(t).ConnString(""), []Option{WithFleet(-1, 10)}, []string{"WithFleet", "-1"}},
+		{"bad lifetime jitter", db(t).ConnString(""), []Option{WithLifetimeJitter(-time.Second)}, []string{"WithLifetimeJitter", "-1s"}},
+		{"bad max connecting", db(t).ConnString(""), []Option{WithMaxConnecting(-2)}, []string{"WithMaxConnecting", "-2"}},
 		{"bad pool setting", "postgres://u:hunter2pw@127.0.0.1/x?pool_max_conns=zero", nil, []string{"pool_max_conns"}},
 		{"bad port", "postgres://u:hunter2pw@127.0.0.1:notaport/x", nil, []string{"connection string"}},
-		{"min above max", db.ConnString("", "pool_min_conns=9", "pool_max_conns=4"), nil, []string{"MinConns 9", "MaxConns 4"}},
+		{"min above max", db(t).ConnString("", "pool_min_conns=9", "pool_max_conns=4"), nil, []string{"MinConns 9", "MaxConns 4"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -117,12 +117,12 @@ func TestInvalidInputFailsInNew(t *testing.T) {
 					t.Errorf("error %q does not name %q", err, w)
 				}
 			}
-			if strings.Contains(err.Error(), "hunter2pw") || strings.Contains(err.Error(), db.Password()) {
+			if strings.Contains(err.Error(), "hunter2pw") || strings.Contains(err.Error(), db(t).Password()) {
 				t.Errorf("error leaks the password: %v", err)
 			}
 		})
 	}
-	cfg, err := pgxpool.ParseConfig(db.ConnString(""))
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,7 +134,7 @@ func TestInvalidInputFailsInNew(t *testing.T) {
 
 func TestDropInMethods(t *testing.T) {
 	ctx := context.Background()
-	p := newPool(t, db.ConnString("", "pool_max_conns=4"), fast...)
+	p := newPool(t, db(t).ConnString("", "pool_max_conns=4"), fast...)
 	if _, err := p.Exec(ctx, "create table if not exists items(id int primary key, name text)"); err != nil {
 		t.Fatal(err)
 	}
@@ -204,7 +204,7 @@ func TestDropInMethods(t *testing.T) {
 	if s := p.Stat(); s.TotalConns() != 0 {
 		t.Errorf("after Reset: %d connections", s.TotalConns())
 	}
-	if got := p.Config().ConnString(); got != db.ConnString("", "pool_max_conns=4") {
+	if got := p.Config().ConnString(); got != db(t).ConnString("", "pool_max_conns=4") {
 		t.Errorf("Config().ConnString() = %q", got)
 	}
 	if tr := p.Config().ConnConfig.Tracer; tr != nil {
@@ -214,7 +214,7 @@ func TestDropInMethods(t *testing.T) {
 
 func TestBatchTransactionReleasesOnCommit(t *testing.T) {
 	ctx := context.Background()
-	p := newPool(t, db.ConnString(""), fast...)
+	p := newPool(t, db(t).ConnString(""), fast...)
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
 	b.Queue("select 1")
@@ -238,22 +238,22 @@ func TestBatchTransactionReleasesOnCommit(t *testing.T) {
 }
 
 func TestUnwrapIsGatedToo(t *testing.T) {
-	p := newPool(t, db.ConnString(""), fast...)
+	p := newPool(t, db(t).ConnString(""), fast...)
 	sqlDB := stdlib.OpenDBFromPool(p.Unwrap())
 	defer sqlDB.Close()
 	if err := sqlDB.Ping(); err != nil {
 		t.Fatal(err)
 	}
-	if s := p.Stats(); s.Dials != 1 || s.OK != 1 {
+	if s := p.Dialer().Stats(); s.Dials != 1 || s.OK != 1 {
 		t.Errorf("gate stats = %+v, want the database/sql connection to pass the gate", s)
 	}
 }
 
 func TestStartupJitterBoundsAcquireByItsDeadline(t *testing.T) {
 	const window = 2 * time.Second
-	before := db.ConnectionsReceived()
+	before := db(t).ConnectionsReceived()
 	start := time.Now()
-	p := newPool(t, db.ConnString(""), WithStartupJitter(window),
+	p := newPool(t, db(t).ConnString(""), WithStartupJitter(window),
 		WithDialerOptions(dialer.WithRand(func() float64 { return 0.5 })))
 	release := start.Add(window / 2)
 
@@ -264,7 +264,7 @@ func TestStartupJitterBoundsAcquireByItsDeadline(t *testing.T) {
 	if !errors.Is(err, dialer.ErrShed) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("acquire with a short deadline: %v, want shed", err)
 	}
-	if got := db.ConnectionsReceived() - before; got != 0 {
+	if got := db(t).ConnectionsReceived() - before; got != 0 {
 		t.Errorf("a shed acquire made %d server connections", got)
 	}
 	// One without a deadline waits for the release and gets a connection.
@@ -276,14 +276,14 @@ func TestStartupJitterBoundsAcquireByItsDeadline(t *testing.T) {
 	if at := time.Now(); at.Before(release) {
 		t.Errorf("acquired at +%v, before the release at +%v", at.Sub(start), window/2)
 	}
-	if s := p.Stats(); s.Shed != 1 || s.JitterWait.Count != 1 {
+	if s := p.Dialer().Stats(); s.Shed != 1 || s.JitterWait.Count != 1 {
 		t.Errorf("stats = %+v, want one shed and one jitter wait", s)
 	}
 }
 
 func TestWarmUpIsPacedThroughTheGate(t *testing.T) {
 	const minConns, r = 6, 25.0
-	cfg, err := pgxpool.ParseConfig(db.ConnString("", "pool_max_conns=8"))
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString("", "pool_max_conns=8"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -325,7 +325,7 @@ func TestWarmUpIsPacedThroughTheGate(t *testing.T) {
 
 func TestConnectFailuresAreRetriedQueryErrorsAreNot(t *testing.T) {
 	ctx := context.Background()
-	cfg, err := pgxpool.ParseConfig(db.ConnString(""))
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,24 +354,24 @@ func TestConnectFailuresAreRetriedQueryErrorsAreNot(t *testing.T) {
 	}
 	// So is a connection lost during a query, though 57P01 is transient
 	// when it comes while connecting.
-	before := p.Stats()
+	before := p.Dialer().Stats()
 	_, err = p.Exec(ctx, "select pg_terminate_backend(pg_backend_pid())")
 	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" {
 		t.Fatalf("err = %v, want 57P01 from the terminated session", err)
 	}
-	if s := p.Stats(); s.Retries != before.Retries || s.Establishments != before.Establishments {
+	if s := p.Dialer().Stats(); s.Retries != before.Retries || s.Establishments != before.Establishments {
 		t.Errorf("a query error was retried: before %+v, after %+v", before, s)
 	}
 
 	// Connect failures while the server is down are retried until it is back.
 	p.Reset()
-	if err := db.Stop(); err != nil {
+	if err := db(t).Stop(); err != nil {
 		t.Fatal(err)
 	}
 	restarted := make(chan error, 1)
 	go func() {
 		<-refused // the pool has failed to connect at least once
-		restarted <- db.Start()
+		restarted <- db(t).Start()
 	}()
 	var one int
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -383,7 +383,7 @@ func TestConnectFailuresAreRetriedQueryErrorsAreNot(t *testing.T) {
 	if err != nil || one != 1 {
 		t.Fatalf("QueryRow across a restart: %d, %v", one, err)
 	}
-	if s := p.Stats(); s.Retries == before.Retries || s.Transient == before.Transient {
+	if s := p.Dialer().Stats(); s.Retries == before.Retries || s.Transient == before.Transient {
 		t.Errorf("no retry recorded across the restart: %+v", s)
 	}
 }
@@ -392,13 +392,13 @@ func TestAuthenticationFailureAndUnknownDatabaseAreOneAttempt(t *testing.T) {
 	cases := []struct {
 		name, url, sqlstate, says string
 	}{
-		{"wrong password", db.ConnStringAs(db.User(), "not-the-password-0x", ""), "28P01", "password authentication failed"},
-		{"unknown database", db.ConnString("no_such_db_0x"), "3D000", `database "no_such_db_0x" does not exist`},
+		{"wrong password", db(t).ConnStringAs(db(t).User(), "not-the-password-0x", ""), "28P01", "password authentication failed"},
+		{"unknown database", db(t).ConnString("no_such_db_0x"), "3D000", `database "no_such_db_0x" does not exist`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			p := newPool(t, c.url, fast...)
-			before := db.ConnectionsReceived()
+			before := db(t).ConnectionsReceived()
 			err := p.Ping(context.Background())
 			if dialer.Classify(err) != dialer.Permanent {
 				t.Fatalf("err = %v (%v), want a permanent failure", err, dialer.Classify(err))
@@ -407,13 +407,13 @@ func TestAuthenticationFailureAndUnknownDatabaseAreOneAttempt(t *testing.T) {
 			if !errors.As(err, &pe) || pe.Code != c.sqlstate || !strings.Contains(err.Error(), c.says) {
 				t.Errorf("err = %v, want SQLSTATE %s saying %q", err, c.sqlstate, c.says)
 			}
-			if s := p.Stats(); s.Establishments != 1 || s.Retries != 0 {
+			if s := p.Dialer().Stats(); s.Establishments != 1 || s.Retries != 0 {
 				t.Errorf("stats = %+v, want exactly one attempt", s)
 			}
-			if got := db.WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
+			if got := db(t).WaitConnectionsReceived(before+1, 5*time.Second) - before; got != 1 {
 				t.Errorf("server saw %d connections, want 1", got)
 			}
-			if pw := "not-the-password-0x"; strings.Contains(err.Error(), pw) || strings.Contains(err.Error(), db.Password()) {
+			if pw := "not-the-password-0x"; strings.Contains(err.Error(), pw) || strings.Contains(err.Error(), db(t).Password()) {
 				t.Errorf("error leaks a password: %v", err)
 			}
 		})
@@ -421,7 +421,7 @@ func TestAuthenticationFailureAndUnknownDatabaseAreOneAttempt(t *testing.T) {
 }
 
 func TestUserHooksAndTracerKeepWorking(t *testing.T) {
-	cfg, err := pgxpool.ParseConfig(db.ConnString("", "pool_max_conns=1"))
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString("", "pool_max_conns=1"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -473,13 +473,13 @@ func TestUserHooksAndTracerKeepWorking(t *testing.T) {
 		t.Errorf("user tracer: %d connects, %d queries, %d acquires; want 1 each",
 			ht.Connects.Load(), ht.Queries.Load(), ht.Acquires.Load())
 	}
-	if s := p.Stats(); s.Dials != 1 {
+	if s := p.Dialer().Stats(); s.Dials != 1 {
 		t.Errorf("gate dials = %d, want 1", s.Dials)
 	}
 }
 
 func TestDeprecatedBeforeAcquireStillWorks(t *testing.T) {
-	cfg, err := pgxpool.ParseConfig(db.ConnString(""))
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}

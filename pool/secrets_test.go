@@ -25,7 +25,7 @@ import (
 // log line and error for the password.
 func TestPasswordAppearsNowhere(t *testing.T) {
 	const secret, wrong = "Sup3r-s3cret-pw-41", "Wr0ng-pw-guess-93"
-	if err := db.Exec(context.Background(), fmt.Sprintf(
+	if err := db(t).Exec(context.Background(), fmt.Sprintf(
 		`do $$ begin create role keeper login password '%s'; exception when duplicate_object then null; end $$`, secret)); err != nil {
 		t.Fatal(err)
 	}
@@ -34,30 +34,30 @@ func TestPasswordAppearsNowhere(t *testing.T) {
 	ctx := context.Background()
 
 	// Success.
-	good := newPool(t, db.ConnStringAs("keeper", secret, ""), opts...)
+	good := newPool(t, db(t).ConnStringAs("keeper", secret, ""), opts...)
 	if err := good.Ping(ctx); err != nil {
 		t.Fatal(err)
 	}
 	// Authentication failure.
-	bad := newPool(t, db.ConnStringAs("keeper", wrong, ""), opts...)
+	bad := newPool(t, db(t).ConnStringAs("keeper", wrong, ""), opts...)
 	errs = append(errs, bad.Ping(ctx))
 	// Server not there: refused, retried, given up.
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	down := strings.Replace(db.ConnStringAs("keeper", secret, ""), db.Addr(), l.Addr().String(), 1)
+	down := strings.Replace(db(t).ConnStringAs("keeper", secret, ""), db(t).Addr(), l.Addr().String(), 1)
 	l.Close()
 	gone := newPool(t, down, opts...)
 	errs = append(errs, gone.Ping(ctx))
 	// Shed before touching the server.
-	shed := newPool(t, db.ConnStringAs("keeper", secret, ""), append(opts, WithStartupJitter(time.Hour),
+	shed := newPool(t, db(t).ConnStringAs("keeper", secret, ""), append(opts, WithStartupJitter(time.Hour),
 		WithDialerOptions(dialer.WithRand(func() float64 { return 0.5 })))...)
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
 	errs = append(errs, shed.Ping(sctx))
 	cancel()
 	// A bad option next to a password in the connection string.
-	_, err = New(ctx, db.ConnStringAs("keeper", secret, "", "pool_max_conns=none"))
+	_, err = New(ctx, db(t).ConnStringAs("keeper", secret, "", "pool_max_conns=none"))
 	errs = append(errs, err)
 
 	for _, e := range errs {
@@ -202,7 +202,7 @@ func TestPasswordAppearsNowhereOnFaultPaths(t *testing.T) {
 	waiting := newPool(t, c.ConnString(""), append(opts, WithStartupJitter(time.Hour))...)
 	closed := make(chan error, 1)
 	go func() { closed <- waiting.Ping(ctx) }()
-	for waiting.Stats().JitterWait.Waiting == 0 {
+	for waiting.Dialer().Stats().JitterWait.Waiting == 0 {
 		time.Sleep(time.Millisecond) // polling: the gate signals nothing on entering a wait
 	}
 	waiting.Close()

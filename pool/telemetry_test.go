@@ -50,7 +50,7 @@ func connectSpans(spans []sdktrace.ReadOnlySpan, reason string) []sdktrace.ReadO
 // connected returns a config whose AfterConnect reports each new connection.
 func connected(t *testing.T, params ...string) (*pgxpool.Config, chan struct{}) {
 	t.Helper()
-	cfg, err := pgxpool.ParseConfig(db.ConnString("", params...))
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString("", params...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +87,7 @@ func TestBackgroundConnectsGetRootSpans(t *testing.T) {
 
 	p.Close()
 	// An empty pool must establish a connection for this caller.
-	empty := newPool(t, db.ConnString(""), append(env.opts(), fast...)...)
+	empty := newPool(t, db(t).ConnString(""), append(env.opts(), fast...)...)
 	ctx2, caller := env.TP.Tracer("test").Start(context.Background(), "request")
 	if err := empty.Ping(ctx2); err != nil {
 		t.Fatal(err)
@@ -258,7 +258,7 @@ func TestConnectSpansReachAnOTLPCollector(t *testing.T) {
 		t.Fatal(err)
 	}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp))
-	p := newPool(t, db.ConnString(""), append(fast, WithTracerProvider(tp))...)
+	p := newPool(t, db(t).ConnString(""), append(fast, WithTracerProvider(tp))...)
 	if err := p.Ping(ctx); err != nil {
 		t.Fatal(err)
 	}

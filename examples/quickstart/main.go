@@ -94,7 +94,7 @@ func run() error {
 		}
 	}
 
-	s := p.Stats()
+	s := p.Dialer().Stats()
 	st := p.Stat()
 	fmt.Printf("\n%d goroutines ran %d queries in %v (%d failed)\n",
 		*workers, *workers**queries, time.Since(start).Round(time.Millisecond), failed)

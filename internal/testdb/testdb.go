@@ -8,12 +8,9 @@
 //
 // The postmaster is a direct child of the test binary and is started with a
 // parent-death signal, so it shuts down even when the tests panic or are
-// killed; [Cluster.Close] stops it and removes its files. [Main] shares one
-// cluster across a package's tests:
-//
-//	var db *testdb.Cluster
-//
-//	func TestMain(m *testing.M) { testdb.Main(m, &db, testdb.Options{}) }
+// killed; [Cluster.Close] stops it and removes its files. [Shared] shares
+// one cluster across a package's tests, started by the first test that
+// needs it.
 //
 // [StartPgBouncer] puts Debian's PgBouncer in front of a cluster.
 //
@@ -319,22 +316,47 @@ func pgMajor(binDir string) int {
 	return n
 }
 
-// Main starts a cluster with opts, stores it in *dst, runs the package's
-// tests and exits with their status after closing the cluster. A cluster that
-// cannot start (missing binaries included) fails the run with its reason.
-func Main(m *testing.M, dst **Cluster, opts Options) {
-	os.Exit(runMain(m, dst, opts))
+// Shared is one cluster a package's tests share, started by the first test
+// that asks for it, so that tests that need no server (timing on a fake
+// clock, classification, options) run where PostgreSQL is not installed.
+// Close it from TestMain after the tests:
+//
+//	var shared = testdb.NewShared(testdb.Options{})
+//
+//	func db(tb testing.TB) *testdb.Cluster { return shared.Get(tb) }
+//
+//	func TestMain(m *testing.M) { shared.Main(m) }
+type Shared struct {
+	opts Options
+	once sync.Once
+	c    *Cluster // set once by once
+	err  error    // ... or why it could not start
 }
 
-func runMain(m *testing.M, dst **Cluster, opts Options) int {
-	c, err := Start(opts)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+// NewShared returns a Shared that starts its cluster with opts.
+func NewShared(opts Options) *Shared { return &Shared{opts: opts} }
+
+// Get returns the shared cluster, starting it on first use. A cluster that
+// cannot start (missing binaries included) fails tb with the reason, for
+// every test that asks.
+func (s *Shared) Get(tb testing.TB) *Cluster {
+	tb.Helper()
+	s.once.Do(func() { s.c, s.err = Start(s.opts) })
+	if s.err != nil {
+		tb.Fatal(s.err)
 	}
-	defer c.Close()
-	*dst = c
-	return m.Run()
+	return s.c
+}
+
+// Main runs the package's tests, closes the cluster if one was started and
+// exits with the tests' status.
+func (s *Shared) Main(m *testing.M) {
+	code := m.Run()
+	s.once.Do(func() {}) // no cluster starts after this
+	if s.c != nil {
+		s.c.Close()
+	}
+	os.Exit(code)
 }
 
 // ConnString returns a URL for database dbname ("postgres" if empty) as the

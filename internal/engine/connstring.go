@@ -1,4 +1,4 @@
-package dialer
+package engine
 
 import (
 	"fmt"
@@ -6,34 +6,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 )
-
-// ParseConfig is pgx.ParseConfig with errors that match [ErrInvalidOption]
-// and never contain the password (see [ParsePoolConfig]).
-func ParseConfig(connString string) (*pgx.ConnConfig, error) {
-	cfg, err := pgx.ParseConfig(connString)
-	if err != nil {
-		return nil, connStringError(connString, err)
-	}
-	return cfg, nil
-}
-
-// ParsePoolConfig is pgxpool.ParseConfig with errors that match
-// [ErrInvalidOption] and never contain the password. pgx redacts the
-// connection string it quotes, but not every fragment its keyword/value
-// parser quotes in the cause (`postgress://u:pw@h/db sslmode=disable`,
-// misspelled, is quoted whole); the error returned here has every password
-// the string may carry blanked out, and keeps no reference to pgx's.
-func ParsePoolConfig(connString string) (*pgxpool.Config, error) {
-	cfg, err := pgxpool.ParseConfig(connString)
-	if err != nil {
-		return nil, connStringError(connString, err)
-	}
-	return cfg, nil
-}
 
 // redactedError is an error text with the passwords blanked out; it
 // matches ErrInvalidOption.
@@ -42,9 +15,13 @@ type redactedError struct{ msg string }
 func (e *redactedError) Error() string { return e.msg }
 func (e *redactedError) Unwrap() error { return ErrInvalidOption }
 
-// connStringError explains a connection string that did not parse, without
-// any password it may carry.
-func connStringError(connString string, err error) error {
+// ConnStringError explains a connection string that did not parse, without
+// any password it may carry: pgx redacts the connection string it quotes,
+// but not every fragment its keyword/value parser quotes in the cause
+// (`postgress://u:pw@h/db sslmode=disable`, misspelled, is quoted whole).
+// The error returned has every password the string may carry blanked out,
+// keeps no reference to err, and matches ErrInvalidOption.
+func ConnStringError(connString string, err error) error {
 	msg := err.Error()
 	if pws := passwordsIn(connString); len(pws) > 0 {
 		// One pass, longest candidate first where two match at one place.

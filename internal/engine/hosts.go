@@ -1,4 +1,4 @@
-package dialer
+package engine
 
 import (
 	"errors"
@@ -23,10 +23,10 @@ import (
 // backed-off address is skipped without a dial, and pgconn goes on to the
 // next host; when every address is backed off, each is dialed as usual and
 // the gate's recovery delay paces the attempts. Each address backs off with
-// a policy of its own from the Dialer's, reset by a successful dial.
+// a policy of its own from the Gate's, reset by a successful dial.
 // Addresses are grouped by the connection string's host list (see
-// [hostGroup]), so that configurations sharing a Dialer do not skip each
-// other's hosts, and repeated [Dialer.Connect] calls share their state.
+// [hostGroup]), so that configurations sharing a Gate do not skip each
+// other's hosts, and repeated connects of one configuration share their state.
 //
 // It is safe for concurrent use.
 type hostHealth struct {

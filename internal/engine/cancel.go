@@ -1,4 +1,4 @@
-package dialer
+package engine
 
 import (
 	"context"
@@ -38,7 +38,7 @@ import (
 // for the token and the dial happen outside it, so that Close and the
 // deadline setters never wait for them.
 type cancelConn struct {
-	d             *Dialer
+	g             *Gate
 	ctx           context.Context // the request's: ended by Close too
 	stop          context.CancelFunc
 	next          pgconn.DialFunc
@@ -54,9 +54,9 @@ type cancelConn struct {
 	rd, wd  time.Time // deadlines set before the dial
 }
 
-func newCancelConn(d *Dialer, ctx context.Context, next pgconn.DialFunc, network, address string) *cancelConn {
+func newCancelConn(g *Gate, ctx context.Context, next pgconn.DialFunc, network, address string) *cancelConn {
 	ctx, stop := context.WithCancel(ctx)
-	return &cancelConn{d: d, ctx: ctx, stop: stop, next: next, network: network, addr: address}
+	return &cancelConn{g: g, ctx: ctx, stop: stop, next: next, network: network, addr: address}
 }
 
 // cancelRequestCode is the protocol's CancelRequest code; the message is
@@ -74,14 +74,13 @@ func keylessCancel(b []byte) bool {
 func (c *cancelConn) connect() (net.Conn, error) {
 	c.dialOnce.Do(func() {
 		var conn net.Conn
-		refund, err := c.d.cancelToken(c.ctx)
+		refund, err := c.g.cancelToken(c.ctx)
 		if err == nil {
-			c.d.stats.cancelDials.Add(1)
+			c.g.stats.CancelDials.Add(1)
 			conn, err = c.next(c.ctx, c.network, c.addr)
 			if errors.Is(err, syscall.ECONNREFUSED) {
 				// Nothing listened: as for an establishment's dial.
-				refund()
-				c.d.stats.refunds.Add(1)
+				c.g.refund(refund)
 			}
 		}
 		c.mu.Lock()
@@ -118,7 +117,7 @@ func (c *cancelConn) Write(b []byte) (int, error) {
 	if !c.dialed && !c.skipped && keylessCancel(b) {
 		c.skipped = true
 		c.mu.Unlock()
-		c.d.stats.cancelsSkipped.Add(1)
+		c.g.stats.CancelsSkipped.Add(1)
 		return len(b), nil
 	}
 	if c.skipped {

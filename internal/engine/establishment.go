@@ -1,0 +1,296 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// connectHook is the Gate's pgx.ConnectTracer: pgx calls TraceConnectStart
+// before it resolves or dials anything and TraceConnectEnd with the
+// outcome, for every connection made with a configuration the Gate is
+// installed on. It does nothing for queries.
+type connectHook struct{ g *Gate }
+
+func (h *connectHook) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+
+func (h *connectHook) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (h *connectHook) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {
+	e := h.g.begin(ctx)
+	return context.WithValue(e.ctx, establishmentKey{}, e)
+}
+
+func (h *connectHook) TraceConnectEnd(ctx context.Context, data pgx.TraceConnectEndData) {
+	if e := establishmentOf(ctx); e != nil {
+		h.g.end(e, data.Err)
+	}
+}
+
+type establishmentKey struct{}
+
+func establishmentOf(ctx context.Context) *establishment {
+	e, _ := ctx.Value(establishmentKey{}).(*establishment)
+	return e
+}
+
+// establishment is one connection being made through the gate, from
+// TraceConnectStart to TraceConnectEnd. What begin takes, end gives back:
+//
+//	taken by begin (or admit)       given back by end (release)
+//	Gate.inflight + 1               Gate.inflight - 1
+//	ctx, cancel                     cancel, after report
+//	closeWatch (Close cancels ctx)  closeWatch()
+//	wait, waitStop                  waitStop()
+//	a connecting slot (holdsSlot)   the slot
+//	the first dial's token          spent by the first dial; refunded by
+//	  (firstDialRefund)               end if the server dropped it unanswered
+//	span                            ended by report
+type establishment struct {
+	start    time.Time // begin
+	admitted time.Time // end of the gate's waits: the server is touched after this
+	reason   string
+	attempt  int
+	span     trace.Span // the connect span
+
+	// ctx is handed to pgconn: it carries the connect span and ends when
+	// the Gate closes or the connect's own context ends, not when the
+	// caller leaves (the connection then goes to the pool, as in pgxpool).
+	ctx        context.Context
+	cancel     context.CancelCauseFunc
+	closeWatch func() bool // unregisters the watcher that cancels ctx on Close
+
+	// wait bounds the gate's own waits: ctx plus the caller's deadline
+	// and cancellation when known.
+	wait     context.Context
+	waitStop func() // releases wait's resources
+
+	admitErr        error                  // why admit refused; set before pgx dials or looks up anything
+	holdsSlot       bool                   // a connecting slot is held
+	firstDialRefund atomic.Pointer[func()] // gives back the token admit took for the first dial; taken by it
+	ended           atomic.Bool
+
+	// netStart is when pgconn first touched the network (its first lookup
+	// or dial), in unix nanoseconds: the time from admitted to it is pgx
+	// preparing the connect.
+	netStart atomic.Int64
+
+	mu    sync.Mutex    // guards dials
+	dials []*dialRecord // in order
+}
+
+// begin starts the connect span and runs the waits that come before the
+// server is touched.
+func (g *Gate) begin(ctx context.Context) *establishment {
+	g.inflight.Add(1)
+	g.stats.Establishments.Add(1)
+	e := &establishment{start: time.Now(), attempt: 1}
+	c := callerOf(ctx)
+	if c != nil && c.attempt > 1 {
+		e.attempt = c.attempt
+	}
+	e.reason = g.reasonFor(ctx, c)
+	spanCtx, span := g.tel.startConnect(ctx, e)
+	e.span = span
+
+	e.ctx, e.cancel = context.WithCancelCause(spanCtx)
+	e.closeWatch = context.AfterFunc(g.closeCtx, func() { e.cancel(ErrClosed) })
+	e.wait, e.waitStop = e.ctx, func() {}
+	if c != nil && c.ctx.Done() != nil {
+		var cancel context.CancelFunc
+		if dl, ok := c.ctx.Deadline(); ok {
+			e.wait, cancel = context.WithDeadline(e.ctx, dl)
+		} else {
+			e.wait, cancel = context.WithCancel(e.ctx)
+		}
+		stop := context.AfterFunc(c.ctx, cancel)
+		e.waitStop = func() { stop(); cancel() }
+	}
+	e.admitErr = g.admit(e)
+	e.admitted = time.Now()
+	return e
+}
+
+// admit waits for the startup delay, the recovery delay after failures, a
+// connecting slot and the first dial's token, in that order, all before
+// pgconn starts its connect_timeout clock. The token comes last so that a
+// token is never spent long before its dial: the server sees dials at the
+// bucket's pace.
+func (g *Gate) admit(e *establishment) error {
+	if g.closeCtx.Err() != nil {
+		return ErrClosed
+	}
+	if !g.startupOver.Load() {
+		if err := g.waitUntil(e, g.startupEnd, WaitJitter); err != nil {
+			return err
+		}
+		g.startupOver.Store(true)
+	}
+	if err := g.waitRecovery(e); err != nil {
+		return err
+	}
+	if err := g.takeSlot(e); err != nil {
+		return err
+	}
+	refund, err := g.takeToken(e)
+	if err != nil {
+		return err
+	}
+	e.firstDialRefund.Store(&refund)
+	return nil
+}
+
+// waitUntil waits for t, shedding at once if the caller's deadline comes
+// first.
+func (g *Gate) waitUntil(e *establishment, t time.Time, kind WaitKind) error {
+	wait := time.Until(t)
+	if wait <= 0 {
+		return nil
+	}
+	if err := g.shedIfTooLate(e, kind, wait, t); err != nil {
+		return err
+	}
+	start := g.startWait(kind)
+	err := g.sleep(e.wait, wait)
+	g.endWait(e.ctx, kind, start, time.Now())
+	if err != nil {
+		return g.waitError(e, kind, 0)
+	}
+	return nil
+}
+
+// takeSlot waits for a connecting slot.
+func (g *Gate) takeSlot(e *establishment) error {
+	select {
+	case g.slots <- struct{}{}:
+		e.holdsSlot = true
+		return nil
+	default:
+	}
+	start := g.startWait(WaitSlot)
+	defer func() { g.endWait(e.ctx, WaitSlot, start, time.Now()) }()
+	select {
+	case g.slots <- struct{}{}:
+		e.holdsSlot = true
+		// A slot freed by Close or cancellation may win the race against
+		// the wait's end: do not go on to the server then.
+		if e.wait.Err() != nil {
+			return g.waitError(e, WaitSlot, 0)
+		}
+		return nil
+	case <-e.wait.Done():
+		return g.waitError(e, WaitSlot, 0)
+	}
+}
+
+// shedIfTooLate sheds a wait of kind, lasting need and ending at t, that
+// would leave the caller less than twice the time connects have been
+// taking: such a connection would reach the caller too late to be used,
+// and pgx closes a connection whose query outlives its context, wasting
+// the fork.
+func (g *Gate) shedIfTooLate(e *establishment, kind WaitKind, need time.Duration, t time.Time) error {
+	dl, ok := e.wait.Deadline()
+	if !ok {
+		return nil
+	}
+	margin := 2 * g.ConnectTime()
+	if dl.Before(t.Add(margin)) {
+		return g.shed(kind, need, time.Until(dl), margin)
+	}
+	return nil
+}
+
+// shed refuses an establishment because a wait of kind, lasting need, and
+// then a connect expected to take connect cannot end in the time left
+// before the caller's deadline (left and need are 0 when unknown).
+func (g *Gate) shed(kind WaitKind, need, left, connect time.Duration) error {
+	g.stats.Shed.Add(1)
+	return &shedError{wait: waitNames[kind], need: need, left: left, connect: connect}
+}
+
+// waitError explains why e.wait ended during a wait.
+func (g *Gate) waitError(e *establishment, kind WaitKind, need time.Duration) error {
+	if g.closeCtx.Err() != nil {
+		return ErrClosed
+	}
+	if cause := context.Cause(e.ctx); cause != nil {
+		return cause
+	}
+	if errors.Is(e.wait.Err(), context.DeadlineExceeded) {
+		return g.shed(kind, need, 0, 0)
+	}
+	return e.wait.Err()
+}
+
+// end gives back what begin took, learns from the outcome and reports it.
+func (g *Gate) end(e *establishment, err error) {
+	if !e.ended.CompareAndSwap(false, true) {
+		return
+	}
+	now := time.Now()
+	g.release(e)
+	class := Classify(err)
+	g.learn(e, class, now)
+	g.report(e, err, class, now)
+	e.cancel(nil)
+}
+
+// release gives back what begin took but the span and ctx, which report
+// still uses, and the tokens of dials the server never answered (see
+// dialFunc), before learn counts a recovery delay from the bucket.
+func (g *Gate) release(e *establishment) {
+	if e.holdsSlot {
+		<-g.slots
+	}
+	e.closeWatch()
+	e.waitStop()
+	g.inflight.Add(-1)
+	e.mu.Lock()
+	for _, r := range e.dials {
+		if r.conn != nil && r.conn.dropped() {
+			r.giveBack(g)
+		}
+	}
+	e.mu.Unlock()
+}
+
+// learn counts the outcome and updates what the gate knows of the server:
+// the connect time a success took, or the recovery state after a transient
+// failure.
+func (g *Gate) learn(e *establishment, class Class, now time.Time) {
+	switch class {
+	case OK:
+		g.stats.OK.Add(1)
+		g.learnConnectTime(now.Sub(e.admitted))
+		g.recovered()
+	case Transient:
+		g.stats.Transient.Add(1)
+		g.failed(e.admitted, now)
+	case Permanent:
+		g.stats.Permanent.Add(1)
+	case Closed:
+		g.stats.Closed.Add(1)
+	}
+}
+
+// learnConnectTime folds a successful establishment's time into the moving
+// average shedIfTooLate uses.
+func (g *Gate) learnConnectTime(took time.Duration) {
+	for {
+		old := g.connectTime.Load()
+		v := int64(took)
+		if old != 0 {
+			v = old + (v-old)/4
+		}
+		if g.connectTime.CompareAndSwap(old, v) {
+			return
+		}
+	}
+}

@@ -1,0 +1,62 @@
+package engine
+
+import (
+	"testing"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
+	"go.opentelemetry.io/otel/metric/noop"
+	tracenoop "go.opentelemetry.io/otel/trace/noop"
+	"golang.org/x/time/rate"
+
+	"github.com/pgstagger/pgstagger/jitter"
+)
+
+// newTestGate returns a Gate installed on a configuration, with no startup
+// window, no rate limit and backoff from newPolicy.
+func newTestGate(t *testing.T, newPolicy func() backoff.BackOff) *Gate {
+	t.Helper()
+	g, err := New(&Config{
+		Limit: rate.Inf, Burst: 1, MaxConnecting: 1, NewBackOff: newPolicy, Rand: jitter.Float64,
+		TracerProvider: tracenoop.NewTracerProvider(), MeterProvider: noop.NewMeterProvider(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := pgx.ParseConfig("postgres://u@127.0.0.1:5432/x?sslmode=disable")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Install(cfg, 1, false); err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+// A success ends the outage: the hot path stops marking callers, and the
+// next outage's backoff starts again from its first interval.
+func TestRecoveredClearsTheOutage(t *testing.T) {
+	g := newTestGate(t, func() backoff.BackOff {
+		return backoff.NewExponentialBackOff(backoff.WithInitialInterval(time.Second),
+			backoff.WithMultiplier(2), backoff.WithRandomizationFactor(0))
+	})
+	now := time.Now()
+	g.failed(now, now)
+	if !g.congested() {
+		t.Fatal("no outage after a failure")
+	}
+	g.failed(now.Add(time.Millisecond), now.Add(2*time.Millisecond)) // a later attempt: the backoff grows
+	if got := g.recovery.Load().recoverUntil.Sub(now.Add(2 * time.Millisecond)); got != 2*time.Second {
+		t.Fatalf("second failure backs off %v, want 2s", got)
+	}
+	g.recovered()
+	if g.recovery.Load() != nil || g.congested() {
+		t.Fatal("the outage outlived a success")
+	}
+	later := now.Add(time.Minute)
+	g.failed(later, later)
+	if got := g.recovery.Load().recoverUntil.Sub(later); got != time.Second {
+		t.Errorf("a new outage backs off %v, want the first interval, 1s", got)
+	}
+}
