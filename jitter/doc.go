@@ -11,11 +11,9 @@
 // anywhere in [0, 750ms), never truncated to whole seconds the way pgxpool
 // truncates MaxConnLifetimeJitter.
 //
-//   - [Uniform] spreads first connections of a fleet over a window.
-//   - [Full] is "full jitter" (uniform over [0, min(limit, base·2^n))), the
-//     backoff that best breaks up synchronized retries.
-//   - [Decorrelated] grows from the previous delay instead of the attempt
-//     count.
+// [Uniform] spreads the first connections of a fleet over a window, and
+// each retry's wait over [0, interval) (full jitter, through
+// dialer.FullJitter).
 //
 // The functions are safe for concurrent use; [Rand] values must be too if
 // shared.

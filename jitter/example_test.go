@@ -19,16 +19,3 @@ func ExampleUniform() {
 	// 375ms
 	// 749.25ms
 }
-
-// Full jitter draws each retry's delay from [0, min(limit, base·2^attempt)).
-func ExampleFull() {
-	for attempt := range 5 {
-		fmt.Println(jitter.Full(100*time.Millisecond, time.Second, attempt, 0.5))
-	}
-	// Output:
-	// 50ms
-	// 100ms
-	// 200ms
-	// 400ms
-	// 500ms
-}

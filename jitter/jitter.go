@@ -25,37 +25,6 @@ func Uniform(window time.Duration, r float64) time.Duration {
 	return scale(float64(window), clamp01(r))
 }
 
-// Full returns "full jitter" for the given attempt (0 for the first retry):
-// a delay uniform over [0, min(limit, base·2^attempt)). Non-positive base
-// gives 0; a non-positive limit means no limit.
-func Full(base, limit time.Duration, attempt int, r float64) time.Duration {
-	if base <= 0 {
-		return 0
-	}
-	ceiling := float64(base) * math.Exp2(float64(max(attempt, 0)))
-	if limit > 0 {
-		ceiling = math.Min(ceiling, float64(limit))
-	}
-	return scale(ceiling, clamp01(r))
-}
-
-// Decorrelated returns "decorrelated jitter": a delay uniform over
-// [base, 3·prev), capped at limit, where prev is the previous delay (use base
-// for the first). Successive delays grow on average but stay spread out.
-// Non-positive base gives 0; a non-positive limit means no limit.
-func Decorrelated(base, limit, prev time.Duration, r float64) time.Duration {
-	if base <= 0 {
-		return 0
-	}
-	lo := float64(base)
-	hi := math.Max(3*float64(max(prev, base)), lo)
-	d := lo + (hi-lo)*clamp01(r)
-	if limit > 0 {
-		d = math.Min(d, float64(limit))
-	}
-	return scale(d, 1)
-}
-
 // Sleep waits for d or until ctx is done, whichever comes first. It returns
 // nil after a full wait and ctx's error (or cause) otherwise. A d ≤ 0 returns
 // at once, reporting ctx's error only if ctx is already done.

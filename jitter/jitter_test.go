@@ -45,55 +45,6 @@ func TestUniformSaturates(t *testing.T) {
 	}
 }
 
-func TestFull(t *testing.T) {
-	base, limit := 100*time.Millisecond, time.Second
-	cases := []struct {
-		attempt int
-		r       float64
-		want    time.Duration
-	}{
-		{0, 0.5, 50 * time.Millisecond},
-		{1, 0.5, 100 * time.Millisecond},
-		{2, 0.5, 200 * time.Millisecond},
-		{3, 0.5, 400 * time.Millisecond},
-		{4, 0.5, 500 * time.Millisecond}, // 1.6s capped at 1s
-		{60, 0.5, 500 * time.Millisecond},
-		{-3, 0.5, 50 * time.Millisecond},
-		{2, 0, 0},
-	}
-	for _, c := range cases {
-		if got := Full(base, limit, c.attempt, c.r); got != c.want {
-			t.Errorf("Full(%v, %v, %d, %v) = %v, want %v", base, limit, c.attempt, c.r, got, c.want)
-		}
-	}
-	if got := Full(base, 0, 10, 0.5); got != base*1024/2 {
-		t.Errorf("Full without limit = %v, want %v", got, base*1024/2)
-	}
-	if got := Full(0, limit, 3, 0.5); got != 0 {
-		t.Errorf("Full with zero base = %v, want 0", got)
-	}
-}
-
-func TestDecorrelated(t *testing.T) {
-	base, limit := 100*time.Millisecond, 2*time.Second
-	cases := []struct {
-		prev time.Duration
-		r    float64
-		want time.Duration
-	}{
-		{base, 0, base},                                       // [100ms, 300ms)
-		{base, 0.5, 200 * time.Millisecond},                   // midpoint
-		{400 * time.Millisecond, 0.5, 650 * time.Millisecond}, // [100ms, 1.2s)
-		{time.Second, 0.99, limit},                            // capped
-		{0, 0.5, 200 * time.Millisecond},                      // prev below base counts as base
-	}
-	for _, c := range cases {
-		if got := Decorrelated(base, limit, c.prev, c.r); got != c.want {
-			t.Errorf("Decorrelated(%v, %v, %v, %v) = %v, want %v", base, limit, c.prev, c.r, got, c.want)
-		}
-	}
-}
-
 func TestSleepWaitsTheFullDelay(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
