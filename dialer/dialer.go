@@ -136,12 +136,13 @@ func (d *Dialer) Close() { d.g.Close() }
 // Plan is what a Dialer resolved from its options for the connection
 // configuration it was first installed on.
 type Plan struct {
-	StartupWindow time.Duration // window of the startup delay
-	Rate          rate.Limit    // new TCP connections per second (of the shared limiter with WithLimiter)
-	Burst         int
-	MaxConnecting int
-	Warm          int // connections the process opens at start
-	Dials         int // TCP connections one connect may cost
+	StartupWindow  time.Duration // window of the startup delay
+	Rate           rate.Limit    // new TCP connections per second (of the shared limiter with WithLimiter)
+	Burst          int
+	MaxConnecting  int     // establishments in flight at most
+	ResponseTarget float64 // the pacer's target (0: off)
+	Warm           int     // connections the process opens at start
+	Dials          int     // TCP connections one connect may cost
 }
 
 // Plan returns what the Dialer resolved from its options once installed

@@ -409,7 +409,7 @@ func TestSynctestWaitsEndOnCancelAndClose(t *testing.T) {
 					}
 					waiting := func() int64 {
 						s := d.Stats()
-						return s.JitterWait.Waiting + s.RateWait.Waiting + s.SlotWait.Waiting + s.BackoffWait.Waiting
+						return s.JitterWait.Waiting + s.RateWait.Waiting + s.SlotWait.Waiting + s.PacerWait.Waiting + s.BackoffWait.Waiting
 					}
 					want := int64(n)
 					if k.name == "connecting slot" {

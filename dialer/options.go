@@ -16,22 +16,32 @@ import (
 	"github.com/pgstagger/pgstagger/jitter"
 )
 
-// Defaults of a [Dialer] built with no options. Together they already keep
-// one process from stampeding the server: its first connections wait a
-// random part of a second, it opens at most 20 TCP connections a second and
-// at most 2 at a time, and failed connects back off with full jitter.
+// Defaults of a [Dialer] built with no options. Its first connections wait
+// a random part of a second; then the pacer lets connects reach the
+// postmaster as fast as it answers them near its idle response time, and no
+// faster: it starts with 2 connects awaiting the postmaster's answer,
+// doubles that while the response time stays within twice the smallest one
+// seen, and backs off when it rises past that or a connect fails
+// transiently. Whatever the pacer decides, a process opens at most 200 TCP
+// connections a second and has at most 32 establishments in flight, and
+// failed connects back off with full jitter.
 const (
 	// DefaultStartupJitter is the window over which a new Dialer's first
 	// connection is delayed.
 	DefaultStartupJitter = time.Second
-	// DefaultConnectRate is the sustained rate of new TCP connections.
-	DefaultConnectRate rate.Limit = 20
+	// DefaultConnectRate is the ceiling of the sustained rate of new TCP
+	// connections.
+	DefaultConnectRate rate.Limit = 200
 	// DefaultConnectBurst is how many TCP connections may be opened at once
-	// after a quiet spell.
-	DefaultConnectBurst = 4
+	// after a quiet spell, at most.
+	DefaultConnectBurst = 32
 	// DefaultMaxConnecting is how many connection establishments may be in
-	// flight at once (the MongoDB drivers' maxConnecting default).
-	DefaultMaxConnecting = 2
+	// flight at once, at most.
+	DefaultMaxConnecting = 32
+	// DefaultResponseTarget is the pacer's target: the postmaster's response
+	// time may reach this multiple of the smallest one seen before the
+	// pacer lets fewer connects wait for it.
+	DefaultResponseTarget = 2.0
 )
 
 // Option configures a [Dialer].
@@ -53,12 +63,13 @@ type config struct {
 
 func newConfig(opts ...Option) (*engine.Config, error) {
 	c := &config{Config: engine.Config{
-		Window:        DefaultStartupJitter,
-		Limit:         DefaultConnectRate,
-		Burst:         DefaultConnectBurst,
-		MaxConnecting: DefaultMaxConnecting,
-		NewBackOff:    DefaultBackOff,
-		Rand:          jitter.Float64,
+		Window:         DefaultStartupJitter,
+		Limit:          DefaultConnectRate,
+		Burst:          DefaultConnectBurst,
+		MaxConnecting:  DefaultMaxConnecting,
+		ResponseTarget: DefaultResponseTarget,
+		NewBackOff:     DefaultBackOff,
+		Rand:           jitter.Float64,
 	}}
 	for _, o := range opts {
 		if o != nil {
@@ -101,7 +112,8 @@ func WithStartupJitter(window time.Duration) Option {
 // server forks a backend for takes a token: multi-host fallbacks,
 // sslmode=prefer's second dial and CancelRequests included. rate.Inf turns
 // the limit off.
-// Default [DefaultConnectRate] (20/s), burst [DefaultConnectBurst] (4).
+// It is a ceiling over what the pacer decides ([WithResponseTarget]).
+// Default [DefaultConnectRate] (200/s), burst [DefaultConnectBurst] (32).
 func WithConnectRate(r rate.Limit, burst int) Option {
 	return optionFunc(func(c *config) {
 		switch {
@@ -135,8 +147,10 @@ func WithLimiter(l *rate.Limiter) Option {
 }
 
 // WithMaxConnecting allows at most n connection establishments in flight at
-// once; more wait for a slot, each bounded by its caller's context. Default
-// [DefaultMaxConnecting] (2).
+// once (from the gate's admission to the end of authentication and
+// start-up); more wait for a slot, each bounded by its caller's context. It
+// is also the ceiling of the pacer's limit ([WithResponseTarget]). Default
+// [DefaultMaxConnecting] (32).
 func WithMaxConnecting(n int) Option {
 	return optionFunc(func(c *config) {
 		if n < 1 {
@@ -144,6 +158,34 @@ func WithMaxConnecting(n int) Option {
 			return
 		}
 		c.MaxConnecting = n
+	})
+}
+
+// WithResponseTarget sets the pacer's target, or turns the pacer off with 0.
+//
+// The pacer decides how many connects may await the postmaster's answer at
+// once, from the postmaster's response time on each new connection (from
+// the client's first byte to the server's first byte back: its accept queue
+// plus the fork). It keeps the smallest response time seen as the idle
+// baseline, across failures, and probes it alone every 10s or so; while a
+// moving average of recent response times stays within ratio × baseline it
+// lets more connects wait, doubling per round of connects at first, then
+// one more per round; past it, it lets fewer, in proportion to the excess
+// (by a tenth to a half, once per round). After a transient failure
+// (refused, 53300 too_many_connections, 57P03, a timeout) it lets one
+// connect probe, then doubles again. Every client of a server sees the same
+// queue, so a ratio target bounds the connect latency of all of them
+// however many processes pace themselves. [WithMaxConnecting],
+// [WithConnectRate] and [WithLimiter] stay ceilings over what it decides;
+// its waits are [Stats].PacerWait. ratio must exceed 1. Default
+// [DefaultResponseTarget] (2); 0 turns the pacer off.
+func WithResponseTarget(ratio float64) Option {
+	return optionFunc(func(c *config) {
+		if ratio != 0 && !(ratio > 1 && !math.IsInf(ratio, 0)) {
+			c.invalid("WithResponseTarget(%v): ratio must exceed 1, or be 0 to turn the pacer off", ratio)
+			return
+		}
+		c.ResponseTarget = ratio
 	})
 }
 

@@ -29,6 +29,10 @@ func TestInvalidOptionsNameOptionAndValue(t *testing.T) {
 		{WithFleet(0, 100), []string{"WithFleet", "size"}},
 		{WithFleet(10, 0), []string{"WithFleet", "serverBudget"}},
 		{WithFleet(10, math.Inf(1)), []string{"WithFleet", "+Inf"}},
+		{WithResponseTarget(1), []string{"WithResponseTarget", "(1)"}},
+		{WithResponseTarget(-2), []string{"WithResponseTarget", "-2"}},
+		{WithResponseTarget(math.NaN()), []string{"WithResponseTarget", "NaN"}},
+		{WithResponseTarget(math.Inf(1)), []string{"WithResponseTarget", "+Inf"}},
 	}
 	for _, c := range cases {
 		_, err := New(c.opt)
@@ -63,7 +67,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Plan{StartupWindow: DefaultStartupJitter, Rate: DefaultConnectRate, Burst: DefaultConnectBurst,
-		MaxConnecting: DefaultMaxConnecting, Warm: 1, Dials: 1}
+		MaxConnecting: DefaultMaxConnecting, ResponseTarget: DefaultResponseTarget, Warm: 1, Dials: 1}
 	if p := d.Plan(); p != want {
 		t.Errorf("default plan = %+v, want %+v", p, want)
 	}
@@ -97,6 +101,7 @@ func TestFleetPlan(t *testing.T) {
 		}
 		got := Plan(cfg.Plan(c.warm, c.dials))
 		c.want.MaxConnecting, c.want.Warm, c.want.Dials = DefaultMaxConnecting, c.warm, c.dials
+		c.want.ResponseTarget = DefaultResponseTarget
 		if got != c.want {
 			t.Errorf("%s: plan = %+v, want %+v", c.name, got, c.want)
 		}

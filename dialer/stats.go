@@ -22,9 +22,14 @@ type Stats struct {
 	CancelsShed    int64 // CancelRequests not sent: no token before their deadline, or their wait ended (Close)
 	HostsSkipped   int64 // dials not made to a backed-off host of a multi-host connection string while another host was up
 
+	ConnectLimit float64       // connects the pacer lets await the postmaster's answer at once now (0: pacer off)
+	Baseline     time.Duration // the pacer's baseline: the smallest postmaster response time seen (0: none yet)
+	Decreases    int64         // times the pacer's limit fell
+
 	JitterWait  WaitStats // startup jitter
 	RateWait    WaitStats // token bucket
 	SlotWait    WaitStats // MaxConnecting slots
+	PacerWait   WaitStats // the pacer's slots (see WithResponseTarget)
 	BackoffWait WaitStats // backoff between attempts and after failures
 }
 
@@ -38,6 +43,7 @@ type WaitStats struct {
 // Stats returns a snapshot of the Dialer's counters.
 func (d *Dialer) Stats() Stats {
 	c := d.g.Counters()
+	limit, baseline, decreases := d.g.PacerState()
 	wait := func(k engine.WaitKind) WaitStats {
 		w := &c.Waits[k]
 		return WaitStats{Count: w.Count.Load(), Total: time.Duration(w.Total.Load()), Waiting: w.Waiting.Load()}
@@ -56,9 +62,13 @@ func (d *Dialer) Stats() Stats {
 		CancelsSkipped: c.CancelsSkipped.Load(),
 		CancelsShed:    c.CancelsShed.Load(),
 		HostsSkipped:   c.HostsSkipped.Load(),
+		ConnectLimit:   limit,
+		Baseline:       baseline,
+		Decreases:      decreases,
 		JitterWait:     wait(engine.WaitJitter),
 		RateWait:       wait(engine.WaitRate),
 		SlotWait:       wait(engine.WaitSlot),
+		PacerWait:      wait(engine.WaitPacer),
 		BackoffWait:    wait(engine.WaitBackoff),
 	}
 }

@@ -19,7 +19,7 @@ const (
 	AttrOutcome = engine.AttrOutcome
 	// AttrWait is the kind of wait of a wait span or the
 	// pgstagger.connect.wait_time metric: startup_jitter, backoff,
-	// max_connecting or rate_limit.
+	// max_connecting, rate_limit or pacer.
 	AttrWait = engine.AttrWait
 	// AttrPostmasterResponseTime is the time, in seconds, from the first
 	// byte the client sent on a TCP connection (SSLRequest or
@@ -28,6 +28,13 @@ const (
 	AttrPostmasterResponseTime = engine.AttrPostmasterResponseTime
 	// AttrDials is how many TCP connections an establishment opened.
 	AttrDials = engine.AttrDials
+	// AttrConnectLimit is how many connects the pacer let await the
+	// postmaster's answer at once when an establishment ended (see
+	// [WithResponseTarget]).
+	AttrConnectLimit = engine.AttrConnectLimit
+	// AttrPostmasterBaseline is the pacer's baseline when an establishment
+	// ended: the smallest postmaster response time seen, in seconds.
+	AttrPostmasterBaseline = engine.AttrPostmasterBaseline
 )
 
 // Reasons for establishing a connection (the [AttrReason] attribute).

@@ -21,8 +21,8 @@ func ExampleNew() {
 	}
 	defer p.Close()
 	plan := p.Dialer().Plan()
-	fmt.Println(plan.StartupWindow, plan.Rate, plan.Burst, plan.MaxConnecting)
-	// Output: 1s 20 4 2
+	fmt.Println(plan.StartupWindow, plan.Rate, plan.Burst, plan.MaxConnecting, plan.ResponseTarget)
+	// Output: 1s 200 32 32 2
 }
 
 // Budget a fleet: 300 workers start together, each keeping 2 connections

@@ -27,7 +27,7 @@ import (
 
 // ownCluster starts a cluster for one test, which may crash, freeze or fill
 // it without disturbing the package's shared one.
-func ownCluster(t *testing.T, opts testdb.Options) *testdb.Cluster {
+func ownCluster(t testing.TB, opts testdb.Options) *testdb.Cluster {
 	t.Helper()
 	c, err := testdb.Start(opts)
 	if err != nil {
@@ -428,7 +428,7 @@ func TestCloseDuringEveryWaitReturnsPromptlyAndReleasesEverything(t *testing.T) 
 			// of them) past it, connecting.
 			waiting := func() int64 {
 				s := p.Dialer().Stats()
-				return s.JitterWait.Waiting + s.RateWait.Waiting + s.SlotWait.Waiting + s.BackoffWait.Waiting
+				return s.JitterWait.Waiting + s.RateWait.Waiting + s.SlotWait.Waiting + s.PacerWait.Waiting + s.BackoffWait.Waiting
 			}
 			for waiting() < n-int64(k.in) {
 				time.Sleep(time.Millisecond) // polling: the gate signals nothing on entering a wait

@@ -71,7 +71,8 @@ func WithStartupJitter(window time.Duration) Option {
 // bursts of burst, counting every connection the server forks a backend
 // for (multi-host fallbacks and sslmode=prefer's second dial included).
 // CancelRequest connections take a token too, waiting for it up to their
-// own deadline. Default 20/s, burst 4 ([dialer.DefaultConnectRate],
+// own deadline. It is a ceiling over what the pacer decides
+// ([WithResponseTarget]). Default 200/s, burst 32 ([dialer.DefaultConnectRate],
 // [dialer.DefaultConnectBurst]).
 func WithConnectRate(r rate.Limit, burst int) Option {
 	return gate(dialer.WithConnectRate(r, burst))
@@ -84,9 +85,20 @@ func WithLimiter(l *rate.Limiter) Option {
 }
 
 // WithMaxConnecting allows at most n connection establishments in flight in
-// the pool at once. Default 2 ([dialer.DefaultMaxConnecting]).
+// the pool at once, and the ceiling of the pacer's limit. Default 32
+// ([dialer.DefaultMaxConnecting]).
 func WithMaxConnecting(n int) Option {
 	return gate(dialer.WithMaxConnecting(n))
+}
+
+// WithResponseTarget sets the pacer's target ratio, or turns the pacer off
+// with 0: the pacer lets more of the pool's connects await the postmaster's
+// answer at once while its response time stays within ratio × the smallest
+// one seen, and fewer when it rises past that or a connect fails
+// transiently. See [dialer.WithResponseTarget]. Default 2
+// ([dialer.DefaultResponseTarget]).
+func WithResponseTarget(ratio float64) Option {
+	return gate(dialer.WithResponseTarget(ratio))
 }
 
 // WithBackOff sets the retry policy for transient connect failures;

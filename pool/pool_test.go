@@ -22,8 +22,9 @@ import (
 	"github.com/pgstagger/pgstagger/internal/oteltest"
 )
 
-// fast turns off the waits that are not under test.
-var fast = []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1)}
+// fast turns off the waits that are not under test: the startup delay,
+// the rate limit and the pacer.
+var fast = []Option{WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithResponseTarget(0)}
 
 func newPool(t *testing.T, connString string, opts ...Option) *Pool {
 	t.Helper()

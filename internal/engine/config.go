@@ -25,8 +25,9 @@ type Config struct {
 	RateSet bool          // Limit, Burst or Limiter was given: WithFleet does not derive them
 	Limiter *rate.Limiter // shared limiter; nil: one of the Gate's own
 
-	MaxConnecting int
-	NewBackOff    func() backoff.BackOff
+	MaxConnecting  int     // ceiling of the pacer's limit (the limit itself with the pacer off)
+	ResponseTarget float64 // the pacer's ratio target; 0: pacer off
+	NewBackOff     func() backoff.BackOff
 
 	FleetSize   int // 0: no fleet
 	FleetBudget float64
@@ -39,6 +40,10 @@ type Config struct {
 	PoolName       string       // "" : host:port/database
 }
 
+// InitialConnecting is how many establishments a pacer admits at once
+// before it has learned anything (the MongoDB drivers' maxConnecting).
+const InitialConnecting = 2
+
 // minFleetRate is the floor of the per-process rate a fleet derives: one
 // connection a minute, so that a huge fleet still lets each process replace
 // a lost connection in bounded time.
@@ -48,19 +53,21 @@ const minFleetRate rate.Limit = 1.0 / 60
 // configuration it was first installed on. Package dialer exports it as
 // dialer.Plan, field for field.
 type Plan struct {
-	StartupWindow time.Duration
-	Rate          rate.Limit
-	Burst         int
-	MaxConnecting int
-	Warm          int
-	Dials         int
+	StartupWindow  time.Duration
+	Rate           rate.Limit
+	Burst          int
+	MaxConnecting  int
+	ResponseTarget float64
+	Warm           int
+	Dials          int
 }
 
 // Plan resolves c for a process that opens warm connections at start, each
 // costing up to dials TCP connections.
 func (c *Config) Plan(warm, dials int) Plan {
 	warm, dials = max(warm, 1), max(dials, 1)
-	p := Plan{StartupWindow: c.Window, Rate: c.Limit, Burst: c.Burst, MaxConnecting: c.MaxConnecting, Warm: warm, Dials: dials}
+	p := Plan{StartupWindow: c.Window, Rate: c.Limit, Burst: c.Burst, MaxConnecting: c.MaxConnecting,
+		ResponseTarget: c.ResponseTarget, Warm: warm, Dials: dials}
 	if c.FleetSize > 0 {
 		demand := float64(c.FleetSize) * float64(warm) * float64(dials)
 		if !c.WindowSet {

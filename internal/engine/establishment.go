@@ -50,6 +50,8 @@ func establishmentOf(ctx context.Context) *establishment {
 //	closeWatch (Close cancels ctx)  closeWatch()
 //	wait, waitStop                  waitStop()
 //	a connecting slot (holdsSlot)   the slot
+//	a pacer slot (pacerHeld)        given back by the first answer from
+//	                                  the server (see answered), or by end
 //	the first dial's token          spent by the first dial; refunded by
 //	  (firstDialRefund)               end if the server dropped it unanswered
 //	span                            ended by report
@@ -74,6 +76,8 @@ type establishment struct {
 
 	admitErr        error                  // why admit refused; set before pgx dials or looks up anything
 	holdsSlot       bool                   // a connecting slot is held
+	pacerHeld       atomic.Bool            // a pacer slot is held
+	pacerInUse      int                    // pacer slots held, this one included, when it was taken
 	firstDialRefund atomic.Pointer[func()] // gives back the token admit took for the first dial; taken by it
 	ended           atomic.Bool
 
@@ -139,6 +143,9 @@ func (g *Gate) admit(e *establishment) error {
 	if err := g.takeSlot(e); err != nil {
 		return err
 	}
+	if err := g.takePacerSlot(e); err != nil {
+		return err
+	}
 	refund, err := g.takeToken(e)
 	if err != nil {
 		return err
@@ -187,6 +194,41 @@ func (g *Gate) takeSlot(e *establishment) error {
 		return nil
 	case <-e.wait.Done():
 		return g.waitError(e, WaitSlot, 0)
+	}
+}
+
+// takePacerSlot waits for one of the pacer's slots: a place among the
+// connects waiting for the postmaster's answer.
+func (g *Gate) takePacerSlot(e *establishment) error {
+	if g.pacer == nil {
+		return nil
+	}
+	if ok, inUse := g.pacer.tryTake(); ok {
+		e.pacerInUse = inUse
+		e.pacerHeld.Store(true)
+		return nil
+	}
+	start := g.startWait(WaitPacer)
+	defer func() { g.endWait(e.ctx, WaitPacer, start, time.Now()) }()
+	inUse, err := g.pacer.take(e.wait)
+	if err != nil {
+		return g.waitError(e, WaitPacer, 0)
+	}
+	e.pacerInUse = inUse
+	e.pacerHeld.Store(true)
+	if e.wait.Err() != nil {
+		return g.waitError(e, WaitPacer, 0)
+	}
+	return nil
+}
+
+// answered is called when the server first answers on a connection of e,
+// after rt: the postmaster has forked for it, so e leaves the pacer's
+// count, and rt is the pacer's sample.
+func (g *Gate) answered(e *establishment, rt time.Duration) {
+	if e.pacerHeld.CompareAndSwap(true, false) {
+		g.pacer.give()
+		g.pacer.succeeded(time.Now(), e.admitted, rt, e.pacerInUse)
 	}
 }
 
@@ -249,6 +291,9 @@ func (g *Gate) release(e *establishment) {
 	if e.holdsSlot {
 		<-g.slots
 	}
+	if e.pacerHeld.CompareAndSwap(true, false) {
+		g.pacer.give()
+	}
 	e.closeWatch()
 	e.waitStop()
 	g.inflight.Add(-1)
@@ -262,8 +307,9 @@ func (g *Gate) release(e *establishment) {
 }
 
 // learn counts the outcome and updates what the gate knows of the server:
-// the connect time a success took, or the recovery state after a transient
-// failure.
+// the connect time a success took, or the recovery state and the pacer's
+// fall after a transient failure (the pacer learns response times as they
+// come: see answered).
 func (g *Gate) learn(e *establishment, class Class, now time.Time) {
 	switch class {
 	case OK:
@@ -273,6 +319,9 @@ func (g *Gate) learn(e *establishment, class Class, now time.Time) {
 	case Transient:
 		g.stats.Transient.Add(1)
 		g.failed(e.admitted, now)
+		if g.pacer != nil {
+			g.pacer.failed(now)
+		}
 	case Permanent:
 		g.stats.Permanent.Add(1)
 	case Closed:

@@ -46,10 +46,12 @@ type Gate struct {
 	limiter    *rate.Limiter
 	startupEnd time.Time // end of the startup delay
 	forPool    bool      // installed on a pool's configuration
+	bindErr    error     // why the pacer's metrics could not be registered
 
 	startupOver atomic.Bool // startupEnd has passed
 
 	slots chan struct{} // connecting slots; a send takes one
+	pacer *pacer        // how many connects may await the postmaster's answer; nil: off
 
 	inflight atomic.Int32 // establishments between begin and end
 
@@ -93,6 +95,9 @@ func New(cfg *Config) (*Gate, error) {
 		policy: cfg.NewBackOff(),
 		hosts:  newHostHealth(cfg.NewBackOff),
 	}
+	if cfg.ResponseTarget > 0 {
+		g.pacer = newPacer(cfg.ResponseTarget, InitialConnecting, cfg.MaxConnecting, cfg.Rand)
+	}
 	g.closeCtx, g.closeFn = context.WithCancelCause(context.Background())
 	return g, nil
 }
@@ -110,6 +115,9 @@ func (g *Gate) Install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
 		return fmt.Errorf("%w: a pgstagger Dialer is already installed on this configuration", ErrInvalidOption)
 	}
 	g.bind(cfg, warm, forPool)
+	if g.bindErr != nil {
+		return g.bindErr
+	}
 	next := cfg.DialFunc
 	if next == nil {
 		var nd net.Dialer
@@ -158,6 +166,9 @@ func (g *Gate) bind(cfg *pgx.ConnConfig, warm int, forPool bool) {
 			g.limiter = rate.NewLimiter(g.plan.Rate, g.plan.Burst)
 		}
 		g.startupEnd = time.Now().Add(jitter.Uniform(g.plan.StartupWindow, g.cfg.Rand()))
+		if g.pacer != nil {
+			g.bindErr = g.tel.observePacer(g.pacer)
+		}
 		if g.plan.StartupWindow == 0 {
 			g.startupOver.Store(true)
 		}
@@ -189,7 +200,23 @@ func (g *Gate) ConnectTime() time.Duration { return time.Duration(g.connectTime.
 // Close ends every wait of g's establishments and retry loops with
 // ErrClosed and cancels establishments in flight. Later establishments fail
 // with ErrClosed. Close is idempotent.
-func (g *Gate) Close() { g.closeFn(ErrClosed) }
+func (g *Gate) Close() {
+	g.closeFn(ErrClosed)
+	if g.bound.Load() {
+		g.tel.close()
+	}
+}
+
+// PacerState reports the pacer's limit on connects awaiting the
+// postmaster's answer, its baseline response time (0 before the first) and
+// how often the limit fell; all zero with the pacer off.
+func (g *Gate) PacerState() (limit float64, baseline time.Duration, decreases int64) {
+	if g.pacer == nil {
+		return 0, 0, 0
+	}
+	st := g.pacer.state()
+	return st.limit, st.baseline, st.decreases
+}
 
 // CallerContext returns ctx marked so that, when a pool establishes a
 // connection for a call made with it, the gate bounds its waits by ctx's

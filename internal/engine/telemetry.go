@@ -34,6 +34,8 @@ const (
 	AttrWait                   = attribute.Key("pgstagger.wait")
 	AttrPostmasterResponseTime = attribute.Key("pgstagger.postmaster.response_time")
 	AttrDials                  = attribute.Key("pgstagger.dials")
+	AttrConnectLimit           = attribute.Key("pgstagger.connect.limit")
+	AttrPostmasterBaseline     = attribute.Key("pgstagger.postmaster.baseline")
 
 	ReasonAcquire = "acquire"
 	ReasonConnect = "connect"
@@ -61,10 +63,11 @@ const (
 	WaitBackoff
 	WaitSlot
 	WaitRate
+	WaitPacer
 	NumWaitKinds
 )
 
-var waitNames = [NumWaitKinds]string{"startup_jitter", "backoff", "max_connecting", "rate_limit"}
+var waitNames = [NumWaitKinds]string{"startup_jitter", "backoff", "max_connecting", "rate_limit", "pacer"}
 
 // DurationBuckets are the explicit histogram boundaries, in seconds, of
 // pgstagger's duration metrics: fine below 10ms, where an idle connect
@@ -81,7 +84,11 @@ type telemetry struct {
 	attempts     metric.Int64Counter
 	waitTime     metric.Float64Histogram
 	responseTime metric.Float64Histogram
-	log          *slog.Logger // nil: no logging
+	limit        metric.Float64ObservableGauge
+	baseline     metric.Float64ObservableGauge
+	meter        metric.Meter
+	pacerReg     metric.Registration // set by observePacer; nil before
+	log          *slog.Logger        // nil: no logging
 
 	// Set by bind.
 	poolName  string
@@ -110,6 +117,13 @@ func newTelemetry(cfg *Config) (*telemetry, error) {
 	t.waitTime, e = m.Float64Histogram("pgstagger.connect.wait_time", metric.WithUnit("s"), buckets,
 		metric.WithDescription("Time connection establishments waited in pgstagger's gate, by kind of wait."))
 	err = errors.Join(err, e)
+	t.limit, e = m.Float64ObservableGauge("pgstagger.connect.limit", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connects the pacer lets await the postmaster's answer at once."))
+	err = errors.Join(err, e)
+	t.baseline, e = m.Float64ObservableGauge("pgstagger.postmaster.baseline", metric.WithUnit("s"),
+		metric.WithDescription("The smallest postmaster response time seen: the pacer's idle baseline."))
+	err = errors.Join(err, e)
+	t.meter = m
 	t.responseTime, e = m.Float64Histogram("pgstagger.postmaster.response_time", metric.WithUnit("s"), buckets,
 		metric.WithDescription("Time from the client's first byte on a new TCP connection to the server's first byte back."))
 	err = errors.Join(err, e)
@@ -140,6 +154,29 @@ func (t *telemetry) bind(poolName string, cfg *pgconn.Config) {
 		semconv.ServerPort(int(cfg.Port)),
 		semconv.DBNamespace(cfg.Database),
 		t.poolAttr,
+	}
+}
+
+// observePacer reports p's limit and baseline with the pool attribute;
+// call it once bind has run.
+func (t *telemetry) observePacer(p *pacer) error {
+	set := metric.WithAttributeSet(t.poolSet)
+	var err error
+	t.pacerReg, err = t.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		st := p.state()
+		o.ObserveFloat64(t.limit, st.limit, set)
+		if st.baseline > 0 {
+			o.ObserveFloat64(t.baseline, st.baseline.Seconds(), set)
+		}
+		return nil
+	}, t.limit, t.baseline)
+	return err
+}
+
+// close stops the pacer's observation.
+func (t *telemetry) close() {
+	if t.pacerReg != nil {
+		_ = t.pacerReg.Unregister()
 	}
 }
 
@@ -300,6 +337,13 @@ func (g *Gate) report(e *establishment, err error, class Class, now time.Time) {
 	}
 	if recording {
 		e.span.SetAttributes(AttrDials.Int(len(dials)))
+		if g.pacer != nil {
+			st := g.pacer.state()
+			e.span.SetAttributes(AttrConnectLimit.Float64(st.limit))
+			if st.baseline > 0 {
+				e.span.SetAttributes(AttrPostmasterBaseline.Float64(st.baseline.Seconds()))
+			}
+		}
 		if c := e.current(); c != nil && c.responseTime() > 0 {
 			e.span.SetAttributes(AttrPostmasterResponseTime.Float64(c.responseTime().Seconds()))
 		}

@@ -1,0 +1,250 @@
+package engine
+
+import (
+	"container/list"
+	"context"
+	"math"
+	"sync"
+	"time"
+)
+
+// pacer decides how many establishments may be in flight at once, from the
+// postmaster's response time: the time from the client's first byte on a new
+// connection to the server's first byte back, which is the postmaster's
+// queue plus the fork, seen alike by every client of the server. For a
+// single-server queue R ≈ S/(1−ρ), so the ratio of R to its idle value, the
+// baseline, measures the load whoever causes it: a ratio target bounds every
+// client's connect latency however many processes run a pacer, where a
+// fixed number of extra connects per process would leave a queue that grows
+// with the fleet.
+//
+// The law, per finished establishment:
+//
+//   - baseline is the smallest response time seen. It is kept across
+//     failures and restarts, and only falls: a baseline that followed a
+//     moving average would drift up under lasting load.
+//   - smoothed is a moving average of recent response times (weight 1/4),
+//     so that one slow fork on a busy machine is not taken for a queue.
+//   - smoothed ≤ target × baseline: the limit grows, by one per success
+//     below the slow-start threshold (doubling per round of connects) and
+//     by one per round above it; not while fewer than half of the slots were
+//     in use (a limit that was not the constraint says nothing).
+//   - smoothed > target × baseline: the limit is multiplied by
+//     target × baseline ÷ smoothed, kept within [1/2, 9/10] (a cut too
+//     small to matter would leave pacers sharing a server in a stalemate
+//     just above the target), at most once per round: an
+//     establishment admitted before the last decrease does not decrease it
+//     again. The slow-start threshold becomes the new limit.
+//   - a transient failure (refused, 53300, 57P03, a timeout): the limit
+//     falls to one, a prober, and slow start doubles it from there.
+//   - every 10s or so (±15%, so that processes do not probe together), a
+//     pacer that is using its limit lets one establishment in flight until
+//     one admitted alone is answered, then returns to its limit: a pacer
+//     that started while others held the server's queue learned a baseline
+//     that includes their queue, and alone it can see a shorter one. This
+//     is BBR's and Envoy's minimum-RTT probe; without it the late pacer
+//     would hold its share at the first ones' expense (up to the target
+//     squared times the idle response time).
+//
+// The limit stays in [1, max]. With the pacer off (target 0) the limit is
+// max, fixed, and nothing is learned.
+//
+// pacer's methods take the time as a parameter, so that the law can be
+// tested, and simulated, on a clock of the caller's.
+type pacer struct {
+	target float64 // ratio; 0: off
+	max    float64 // ceiling of limit
+	rand   func() float64
+
+	mu         sync.Mutex
+	limit      float64       // guarded by mu: establishments allowed in flight
+	ssthresh   float64       // guarded by mu: slow start below it
+	held       int           // guarded by mu: slots held
+	waiters    list.List     // guarded by mu: of chan int (the slots held once granted), first come first served
+	baseline   time.Duration // guarded by mu: smallest response time seen; 0 until the first
+	smoothed   time.Duration // guarded by mu: moving average of response times
+	lastShrink time.Time     // guarded by mu: when the limit last fell
+	decreases  int64         // guarded by mu: how often it fell
+	nextProbe  time.Time     // guarded by mu: when to probe the baseline next; zero before the first answer
+	probeFrom  time.Time     // guarded by mu: when the probe under way began; zero when none is
+	probeLimit float64       // guarded by mu: the limit to return to after the probe
+}
+
+// probeEvery is how often a pacer probes its baseline, give or take 15%.
+const probeEvery = 10 * time.Second
+
+// newPacer returns a pacer with the given target ratio (0: off) that starts
+// at initial establishments in flight and never allows more than max.
+func newPacer(target float64, initial, max int, rand func() float64) *pacer {
+	p := &pacer{target: target, max: float64(max), rand: rand, limit: float64(max), ssthresh: math.Inf(1)}
+	if target > 0 {
+		p.limit = math.Min(float64(initial), p.max)
+	}
+	return p
+}
+
+// slots is how many establishments the limit admits at once; p.mu is held.
+func (p *pacer) slots() int { return max(1, int(p.limit)) }
+
+// tryTake takes a slot if one is free and nobody waits for one, reporting
+// how many slots are then held.
+func (p *pacer) tryTake() (ok bool, inUse int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.held < p.slots() && p.waiters.Len() == 0 {
+		p.held++
+		return true, p.held
+	}
+	return false, 0
+}
+
+// take waits for a slot, first come first served, until ctx ends,
+// reporting how many slots were held once it had one.
+func (p *pacer) take(ctx context.Context) (inUse int, err error) {
+	p.mu.Lock()
+	if p.held < p.slots() && p.waiters.Len() == 0 {
+		p.held++
+		defer p.mu.Unlock()
+		return p.held, nil
+	}
+	ready := make(chan int, 1)
+	elem := p.waiters.PushBack(ready)
+	p.mu.Unlock()
+	select {
+	case inUse := <-ready:
+		return inUse, nil
+	case <-ctx.Done():
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		select {
+		case <-ready: // granted meanwhile: pass it on
+			p.held--
+			p.grant()
+		default:
+			p.waiters.Remove(elem)
+		}
+		return 0, ctx.Err()
+	}
+}
+
+// give returns a slot.
+func (p *pacer) give() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.held--
+	p.grant()
+}
+
+// grant hands free slots to waiters in order; p.mu is held.
+func (p *pacer) grant() {
+	for p.held < p.slots() && p.waiters.Len() > 0 {
+		ready := p.waiters.Remove(p.waiters.Front()).(chan int)
+		p.held++
+		ready <- p.held
+	}
+}
+
+// succeeded feeds a successful establishment admitted at admitted, whose
+// connection's response time was rt (0 if unknown), with inUse slots held
+// when it was admitted. It reports whether the limit fell.
+func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) bool {
+	if p.target == 0 || rt <= 0 {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.baseline == 0 || rt < p.baseline {
+		p.baseline = rt
+	}
+	if p.smoothed == 0 {
+		p.smoothed = rt
+	} else {
+		p.smoothed += (rt - p.smoothed) / 4
+	}
+	if p.probe(now, admitted, inUse) {
+		return false
+	}
+	allowed := p.target * float64(p.baseline)
+	if float64(p.smoothed) <= allowed {
+		if 2*inUse >= p.slots() {
+			if p.limit < p.ssthresh {
+				p.limit++
+			} else {
+				p.limit += 1 / p.limit
+			}
+			p.limit = math.Min(p.limit, p.max)
+			p.grant()
+		}
+		return false
+	}
+	if !admitted.After(p.lastShrink) {
+		return false // this round was already answered
+	}
+	p.shrink(now, min(math.Max(0.5, allowed/float64(p.smoothed)), 0.9))
+	return true
+}
+
+// probe starts, ends or continues a probe of the baseline, reporting
+// whether one is under way; p.mu is held.
+func (p *pacer) probe(now, admitted time.Time, inUse int) bool {
+	switch {
+	case p.nextProbe.IsZero():
+		p.scheduleProbe(now)
+	case !p.probeFrom.IsZero():
+		if inUse == 1 && admitted.After(p.probeFrom) {
+			// Answered alone: the baseline has seen what it can.
+			p.limit, p.probeFrom = p.probeLimit, time.Time{}
+			p.scheduleProbe(now)
+			p.grant()
+			return false
+		}
+		return true
+	case now.After(p.nextProbe) && 2*inUse >= p.slots() && p.limit >= 2:
+		p.probeFrom, p.probeLimit, p.limit = now, p.limit, 1
+		return true
+	}
+	return false
+}
+
+func (p *pacer) scheduleProbe(now time.Time) {
+	p.nextProbe = now.Add(time.Duration(float64(probeEvery) * (0.85 + 0.3*p.rand())))
+}
+
+// failed feeds a transient failure: one prober, then slow start.
+func (p *pacer) failed(now time.Time) bool {
+	if p.target == 0 {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.probeFrom = time.Time{} // a failure ends a probe: the limit starts over
+	if p.limit <= 1 {
+		return false
+	}
+	p.ssthresh = math.Max(p.limit/2, 2)
+	p.limit = 1
+	p.lastShrink = now
+	p.decreases++
+	return true
+}
+
+// shrink multiplies the limit by factor; p.mu is held.
+func (p *pacer) shrink(now time.Time, factor float64) {
+	p.limit = math.Max(1, p.limit*factor)
+	p.ssthresh = math.Max(p.limit, 2)
+	p.lastShrink = now
+	p.decreases++
+}
+
+// pacerState is what the pacer reports.
+type pacerState struct {
+	limit     float64
+	baseline  time.Duration
+	decreases int64
+}
+
+func (p *pacer) state() pacerState {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return pacerState{limit: p.limit, baseline: p.baseline, decreases: p.decreases}
+}

@@ -1,0 +1,306 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"math"
+	"sort"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+const ms = time.Millisecond
+
+func half() float64 { return 0.5 }
+
+// round feeds one round of successes: one per slot, each admitted at
+// admitted and answered in rt, with every slot in use.
+func round(p *pacer, now, admitted time.Time, rt time.Duration) {
+	n := p.state().limit
+	for range int(n) {
+		p.succeeded(now, admitted, rt, int(n))
+	}
+}
+
+func TestPacerSlowStartDoublesPerRound(t *testing.T) {
+	p := newPacer(2, 2, 64, half)
+	now := t0
+	var limits []float64
+	for range 5 {
+		now = now.Add(5 * ms)
+		round(p, now, now.Add(-5*ms), 5*ms)
+		limits = append(limits, p.state().limit)
+	}
+	want := []float64{4, 8, 16, 32, 64}
+	for i := range want {
+		if limits[i] != want[i] {
+			t.Fatalf("limits after each round %v, want %v", limits, want)
+		}
+	}
+}
+
+func TestPacerDoesNotGrowWhenItIsNotTheConstraint(t *testing.T) {
+	p := newPacer(2, 4, 64, half)
+	for i := range 100 {
+		p.succeeded(t0.Add(time.Duration(i)*ms), t0, 5*ms, 1) // one connect at a time
+	}
+	if got := p.state().limit; got != 4 {
+		t.Errorf("limit %v after 100 lone connects, want 4: a limit that was not used says nothing", got)
+	}
+}
+
+func TestPacerShrinksOncePerRoundWhenResponseTimeRises(t *testing.T) {
+	p := newPacer(2, 16, 64, half)
+	round(p, t0, t0, 5*ms) // baseline 5ms
+	before := p.state().limit
+	// The server slows: 40ms answers. The moving average crosses 10ms on
+	// the third of them; the limit falls once for the round.
+	admitted := t0.Add(10 * ms)
+	now := t0.Add(50 * ms)
+	shrunk := 0
+	for range 8 {
+		if p.succeeded(now, admitted, 40*ms, int(before)) {
+			shrunk++
+		}
+	}
+	st := p.state()
+	if shrunk != 1 || st.decreases != 1 {
+		t.Fatalf("%d decreases in one round (state %+v), want 1", shrunk, st)
+	}
+	if st.limit >= before || st.limit < before/2 {
+		t.Errorf("limit %v after one decrease from %v, want in [%v, %v)", st.limit, before, before/2, before)
+	}
+	// Establishments admitted after the decrease see the slow server too:
+	// the next round decreases again.
+	if !p.succeeded(now.Add(50*ms), now.Add(ms), 40*ms, int(st.limit)) {
+		t.Error("a later round did not decrease")
+	}
+	if st := p.state(); st.baseline != 5*ms {
+		t.Errorf("baseline %v, want the smallest response time, 5ms", st.baseline)
+	}
+}
+
+func TestPacerProbesAfterAFailureAndKeepsItsBaseline(t *testing.T) {
+	p := newPacer(2, 2, 64, half)
+	now := t0
+	for range 3 {
+		now = now.Add(5 * ms)
+		round(p, now, now.Add(-5*ms), 5*ms)
+	}
+	if !p.failed(now) {
+		t.Fatal("a failure did not decrease the limit")
+	}
+	st := p.state()
+	if st.limit != 1 || st.baseline != 5*ms {
+		t.Fatalf("after a failure: limit %v, baseline %v; want one prober and the 5ms baseline kept", st.limit, st.baseline)
+	}
+	// The prober succeeds: slow start from one, doubling per round up to
+	// half the limit before the failure (8), then one per round.
+	var limits []float64
+	for range 5 {
+		now = now.Add(5 * ms)
+		round(p, now, now.Add(-ms), 5*ms)
+		limits = append(limits, p.state().limit)
+	}
+	if limits[0] != 2 || limits[1] != 4 || limits[2] != 8 || limits[3] >= 10 || limits[4] >= 11 {
+		t.Errorf("limits after the failure %v, want 2, 4, 8, then about one more per round", limits)
+	}
+}
+
+func TestPacerOffKeepsItsLimit(t *testing.T) {
+	p := newPacer(0, 2, 7, half)
+	if p.succeeded(t0, t0, 500*ms, 7) || p.failed(t0) || p.state().limit != 7 {
+		t.Errorf("a pacer that is off changed: %+v", p.state())
+	}
+}
+
+func TestPacerSlotsFirstComeFirstServed(t *testing.T) {
+	p := newPacer(2, 1, 4, half)
+	if ok, n := p.tryTake(); !ok || n != 1 {
+		t.Fatalf("tryTake on a free pacer = %v, %d", ok, n)
+	}
+	if ok, _ := p.tryTake(); ok {
+		t.Fatal("took a second slot with a limit of one")
+	}
+	order := make(chan int, 3)
+	for i := range 3 {
+		go func() {
+			if _, err := p.take(context.Background()); err == nil {
+				order <- i
+			}
+		}()
+		for waiting(p) != i+1 {
+			time.Sleep(ms) // until the goroutine queues: nothing else to wait on
+		}
+	}
+	for want := range 3 {
+		p.give()
+		if got := <-order; got != want {
+			t.Fatalf("slot %d went to waiter %d", want, got)
+		}
+	}
+	// A waiter that gives up leaves no trace; one whose slot was granted
+	// as it gave up passes the slot on.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := p.take(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("take with an ended context: %v", err)
+	}
+	if waiting(p) != 0 || p.state().limit != 1 {
+		t.Errorf("waiters %d after a cancelled take", waiting(p))
+	}
+}
+
+func waiting(p *pacer) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.waiters.Len()
+}
+
+func TestPacerGrowthAdmitsWaiters(t *testing.T) {
+	p := newPacer(2, 1, 4, half)
+	p.tryTake()
+	got := make(chan int, 1)
+	go func() {
+		n, _ := p.take(context.Background())
+		got <- n
+	}()
+	for waiting(p) != 1 {
+		time.Sleep(ms)
+	}
+	p.succeeded(t0, t0, 5*ms, 1) // the limit grows to two: the waiter gets the new slot
+	if n := <-got; n != 2 {
+		t.Errorf("waiter admitted with %d slots in use, want 2", n)
+	}
+}
+
+// simServer is a postmaster that forks on workers cores: each connect takes
+// service of one core's time, first come first served.
+type simServer struct {
+	service time.Duration
+	free    []time.Time // when each core is next free
+}
+
+func newSimServer(cores int, service time.Duration) *simServer {
+	return &simServer{service: service, free: make([]time.Time, cores)}
+}
+
+// serve returns when a connect arriving at t is answered.
+func (s *simServer) serve(t time.Time) time.Time {
+	first := 0
+	for i := range s.free {
+		if s.free[i].Before(s.free[first]) {
+			first = i
+		}
+	}
+	s.free[first] = maxTime(t, s.free[first]).Add(s.service)
+	return s.free[first]
+}
+
+// simulate runs backlogged clients from start, each always connecting as
+// much as its pacer allows, against srv until until. It returns each
+// client's limit after every answer it got, and every response time.
+func simulate(srv *simServer, pacers []*pacer, start, until time.Time) (limits [][]float64, rts []time.Duration) {
+	type pending struct {
+		client   int
+		admitted time.Time
+		done     time.Time
+		inUse    int
+	}
+	var queue []pending
+	now := start
+	limits = make([][]float64, len(pacers))
+	for now.Before(until) {
+		for c, p := range pacers {
+			for {
+				ok, n := p.tryTake()
+				if !ok {
+					break
+				}
+				queue = append(queue, pending{c, now, srv.serve(now), n})
+			}
+		}
+		sort.Slice(queue, func(i, j int) bool { return queue[i].done.Before(queue[j].done) })
+		next := queue[0]
+		queue = queue[1:]
+		now = next.done
+		p := pacers[next.client]
+		p.give()
+		rt := next.done.Sub(next.admitted)
+		rts = append(rts, rt)
+		p.succeeded(now, next.admitted, rt, next.inUse)
+		limits[next.client] = append(limits[next.client], p.state().limit)
+	}
+	// What is still in flight is answered, as a real server would.
+	for _, q := range queue {
+		pacers[q.client].give()
+	}
+	return limits, rts
+}
+
+func mean(xs []float64) float64 {
+	s := 0.0
+	for _, x := range xs {
+		s += x
+	}
+	return s / float64(len(xs))
+}
+
+func median(ds []time.Duration) time.Duration {
+	ds = append([]time.Duration(nil), ds...)
+	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+	return ds[len(ds)/2]
+}
+
+// Pacers on a simulated 4-core server: one alone keeps the server's queue
+// near the target and still uses every core; two that start together share
+// the server about evenly, with the queue still near the target.
+func TestPacersConvergeAndShareFairly(t *testing.T) {
+	const cores, service = 4, 4 * ms
+	srv := newSimServer(cores, service)
+	a := newPacer(2, 2, 32, half)
+	limits, rts := simulate(srv, []*pacer{a}, t0, t0.Add(5*time.Second))
+	if med := median(rts[len(rts)/2:]); med > 2*service+service/2 {
+		t.Errorf("one pacer: median response time %v, want near the 2 × 4ms target", med)
+	}
+	// A queue of about one connect per core: every core stays busy.
+	if m := mean(limits[0][len(limits[0])/2:]); m < cores {
+		t.Errorf("one pacer: mean limit %.2f, want at least one connect per core (%d)", m, cores)
+	}
+
+	srv = newSimServer(cores, service)
+	a, b := newPacer(2, 2, 32, half), newPacer(2, 2, 32, half)
+	limits, rts = simulate(srv, []*pacer{a, b}, t0, t0.Add(20*time.Second))
+	ma, mb := mean(limits[0][len(limits[0])/2:]), mean(limits[1][len(limits[1])/2:])
+	if r := math.Max(ma, mb) / math.Min(ma, mb); r > 1.5 {
+		t.Errorf("mean limits %.2f and %.2f: one pacer got %.1f× the other's share", ma, mb, r)
+	}
+	if med := median(rts[len(rts)/2:]); med > 2*service+service/2 {
+		t.Errorf("two pacers: median response time %v, want near the 2 × 4ms target", med)
+	}
+}
+
+// A pacer that starts while another holds the server's queue at the target
+// first learns a baseline that includes that queue (about twice the idle
+// response time). Its baseline probe, alone in flight while the first one
+// has backed off, finds the idle response time, and the queue returns to the
+// target.
+func TestPacerStartedUnderLoadFindsTheIdleBaselineByProbing(t *testing.T) {
+	const cores, service = 4, 4 * ms
+	srv := newSimServer(cores, service)
+	a, b := newPacer(2, 2, 32, half), newPacer(2, 2, 32, half)
+	simulate(srv, []*pacer{a}, t0, t0.Add(5*time.Second))
+	start := t0.Add(5 * time.Second)
+	limits, rts := simulate(srv, []*pacer{a, b}, start, start.Add(20*time.Second))
+	if got := b.state().baseline; got != service {
+		t.Errorf("late pacer's baseline %v after 20s, want the idle 4ms", got)
+	}
+	last := rts[len(rts)*3/4:]
+	if med := median(last); med > 2*service+service/2 {
+		t.Errorf("median response time %v once the late pacer probed, want near the 2 × 4ms target", med)
+	}
+	t.Logf("mean limits over the last quarter: first %.1f, late %.1f; median response time %v",
+		mean(limits[0][len(limits[0])*3/4:]), mean(limits[1][len(limits[1])*3/4:]), median(last))
+}

@@ -1,0 +1,97 @@
+package pool
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"golang.org/x/time/rate"
+)
+
+// fill acquires n connections at once, holds them until all are acquired,
+// and releases them.
+func fill(t *testing.T, p *Pool, n int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conns := make(chan *pgxpool.Conn, n)
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			c, err := p.Acquire(ctx)
+			if err != nil {
+				errs <- err
+				return
+			}
+			conns <- c
+		}()
+	}
+	for range n {
+		select {
+		case err := <-errs:
+			t.Fatal(err)
+		case c := <-conns:
+			defer c.Release()
+		}
+	}
+}
+
+// A pool filling on a quiet server lets more of its connects await the
+// postmaster as it answers near its idle response time; filling again while
+// another client loads the postmaster, it lets fewer.
+func TestPacerBacksOffWhileAnotherClientLoadsThePostmaster(t *testing.T) {
+	const size = 4
+	c := db(t)
+	p := newPool(t, c.ConnString("", "pool_max_conns=4"), WithStartupJitter(0), WithConnectRate(rate.Inf, 1))
+	fill(t, p, size)
+	quiet := p.Dialer().Stats()
+	if quiet.Baseline <= 0 || quiet.ConnectLimit <= 2 {
+		t.Fatalf("after filling on a quiet server: %+v; want a baseline and a limit above the initial 2", quiet)
+	}
+	url := c.ConnString("")
+
+	// Another client: connects and disconnects from 8 goroutines, as fast
+	// as the postmaster lets it, until the pool has filled again. The pool
+	// fills once the load is under way (16 of its connects made).
+	loadCtx, stopLoad := context.WithTimeout(context.Background(), time.Minute)
+	var load sync.WaitGroup
+	var loadsMu sync.Mutex
+	loads := 0
+	underWay := make(chan struct{})
+	for range 8 {
+		load.Go(func() {
+			for loadCtx.Err() == nil {
+				conn, err := pgx.Connect(loadCtx, url)
+				if err != nil {
+					continue
+				}
+				conn.Close(context.Background())
+				loadsMu.Lock()
+				if loads++; loads == 16 {
+					close(underWay)
+				}
+				loadsMu.Unlock()
+			}
+		})
+	}
+	defer func() { stopLoad(); load.Wait() }()
+	select {
+	case <-underWay:
+	case <-loadCtx.Done():
+		t.Fatal("the other client could not connect 16 times in a minute")
+	}
+	p.Reset() // every connection goes: the pool connects again, under load
+	fill(t, p, size)
+	under := p.Dialer().Stats()
+	stopLoad()
+	load.Wait()
+	if under.Decreases <= quiet.Decreases || under.ConnectLimit >= quiet.ConnectLimit {
+		t.Errorf("under load: limit %.1f after %d decreases; on the quiet server: %.1f after %d; want fewer in flight, after a decrease",
+			under.ConnectLimit, under.Decreases, quiet.ConnectLimit, quiet.Decreases)
+	}
+	t.Logf("quiet: limit %.1f, baseline %v, %d decreases; under load (%d connects of the other client): limit %.1f, %d decreases",
+		quiet.ConnectLimit, quiet.Baseline, quiet.Decreases, loads, under.ConnectLimit, under.Decreases)
+}
