@@ -136,13 +136,22 @@ func (d *Dialer) Close() { d.g.Close() }
 // Plan is what a Dialer resolved from its options for the connection
 // configuration it was first installed on.
 type Plan struct {
-	StartupWindow  time.Duration // window of the startup delay
-	Rate           rate.Limit    // new TCP connections per second (of the shared limiter with WithLimiter)
+	StartupWindow time.Duration // window of the startup delay, and the period of the reconnect cycle
+	StartupDelay  time.Duration // this process's startup delay: its place in the window
+	// Phase is this process's place in its fleet's order, in [0, 1): the
+	// middle of its slot, (member + ½) ÷ size, for a fleet member, else a
+	// draw. After a failure the process reconnects at this offset into a
+	// StartupWindow-long wall-clock cycle.
+	Phase          float64
+	Rate           rate.Limit // new TCP connections per second (of the shared limiter with WithLimiter)
 	Burst          int
 	MaxConnecting  int     // establishments in flight at most
 	ResponseTarget float64 // the pacer's target (0: off)
 	Warm           int     // connections the process opens at start
 	Dials          int     // TCP connections one connect may cost
+	FleetSize      int     // processes in the fleet (0: no fleet)
+	FleetBudget    float64 // new connections per second the fleet may cost the server
+	FleetMember    int     // this process's index in the fleet, -1 if not given
 }
 
 // Plan returns what the Dialer resolved from its options once installed

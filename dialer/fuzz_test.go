@@ -46,7 +46,7 @@ func FuzzOptions(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		p := cfg.Plan(warm, dials)
+		p := cfg.Plan(warm, dials, 0.5)
 		if p.StartupWindow < 0 || !(p.Rate > 0) || p.Burst < 1 || p.MaxConnecting < 1 || p.Warm < 1 || p.Dials < 1 {
 			t.Fatalf("options %v %v %v %v fleet=%v %v %v give an unusable plan %+v", r, burst, window, maxConnecting, fleet, size, budget, p)
 		}

@@ -483,30 +483,35 @@ func TestSynctestRefusedDialsGiveTheirTokenBack(t *testing.T) {
 	})
 }
 
-func TestSynctestRecoveryIsSpreadOverTheStartupWindow(t *testing.T) {
+func TestSynctestRecoveryKeepsThePhaseOfTheStartupWindow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}
 		d, cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.3 }),
 			WithConnectRate(rate.Inf, 1), WithBackOff(func() backoff.BackOff {
 				return backoff.WithMaxRetries(backoff.NewConstantBackOff(time.Second), 1)
 			}))
+		// synctest's clock starts at a whole multiple of 10s since the
+		// Unix epoch: the reconnect cycle's phase 0.3 is at 3s, 13s, 23s…
 		start := time.Now()
+		if start.UnixNano()%int64(10*time.Second) != 0 {
+			t.Fatalf("synctest starts at %v, not on a 10s boundary", start)
+		}
 		// The first connect waits for the startup release at 3s and fails.
 		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
 			t.Fatalf("first connect: %v", err)
 		}
-		// The next waits the longer of the backoff (1s) and a fresh draw
-		// over the startup window (0.3 × 10s): at 6s, as if starting anew.
+		// The next waits for the backoff (1s), then for the process's
+		// place in the cycle: 13s.
 		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
 			t.Fatalf("second connect: %v", err)
 		}
-		if got := []time.Duration{f.times[0].Sub(start), f.times[1].Sub(start)}; got[0] != 3*time.Second || got[1] != 6*time.Second {
-			t.Errorf("dials at %v, want [3s 6s]", got)
+		if got := []time.Duration{f.times[0].Sub(start), f.times[1].Sub(start)}; got[0] != 3*time.Second || got[1] != 13*time.Second {
+			t.Errorf("dials at %v, want [3s 13s]", got)
 		}
-		// A retry loop's attempts wait for it too.
-		_, _ = d.Connect(context.Background(), cfg) // fails at 9s, retries once at 12s
-		if got := f.times[3].Sub(f.times[2]); got != 3*time.Second {
-			t.Errorf("retry attempt %v after the previous, want the 3s recovery delay", got)
+		// A retry loop's attempts keep the phase too.
+		_, _ = d.Connect(context.Background(), cfg) // fails at 23s, retries once at 33s
+		if got := []time.Duration{f.times[2].Sub(start), f.times[3].Sub(start)}; got[0] != 23*time.Second || got[1] != 33*time.Second {
+			t.Errorf("retry loop dials at %v, want [23s 33s]", got)
 		}
 	})
 }
@@ -519,11 +524,11 @@ func TestSynctestRecoverySpreadStartsWhenTheBucketRefills(t *testing.T) {
 		start := time.Now()
 		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails
 		_, _ = pgx.ConnectConfig(context.Background(), cfg)
-		// The token spent at 5s is back at 9s; the spread of 0.5 × 10s
-		// starts then: 14s, not 10s (when every process of a fleet
-		// whose tokens went at 5s would be waiting for 9s together).
-		if got := f.times[1].Sub(start); got != 14*time.Second {
-			t.Errorf("second dial at +%v, want +14s", got)
+		// The token spent at 5s is back at 9s; the process's place in the
+		// 10s cycle after that is 15s, not 9s (when every process of a
+		// fleet whose tokens went at 5s would connect together).
+		if got := f.times[1].Sub(start); got != 15*time.Second {
+			t.Errorf("second dial at +%v, want +15s", got)
 		}
 	})
 }
@@ -681,7 +686,7 @@ func TestSynctestRecoverySpreadsAgainWhenTheBucketIsStillEmpty(t *testing.T) {
 		_, cfg := fakeInstalled(t, f, WithStartupJitter(10*time.Second), WithRand(func() float64 { return 0.5 }),
 			WithConnectRate(rate.Every(4*time.Second), 1), WithBackOff(noRetry))
 		start := time.Now()
-		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails: recovery at 9s + 5s
+		_, _ = pgx.ConnectConfig(context.Background(), cfg) // released at 5s, fails: token at 9s, recovery at 15s
 		// At 12s a CancelRequest borrows the token that came back at 9s:
 		// the next one is due at 16s.
 		time.Sleep(12*time.Second - time.Since(start))
@@ -695,12 +700,13 @@ func TestSynctestRecoverySpreadsAgainWhenTheBucketIsStillEmpty(t *testing.T) {
 		}
 		conn.Close()
 		f.set(errReset, nil)
-		// The recovery delay ends at 14s with the bucket empty until
-		// 16s: a fresh spread of 0.5 × 10s from then, 21s (not 16s, when
-		// a fleet that borrowed together would connect together).
+		// The recovery delay ends at 15s with the bucket empty until
+		// 16s: the process's next place in the cycle after that, 25s (not
+		// 16s, when a fleet that borrowed together would connect
+		// together).
 		_, _ = pgx.ConnectConfig(context.Background(), cfg)
-		if got := f.times[len(f.times)-1].Sub(start); got != 21*time.Second {
-			t.Errorf("dial at +%v, want +21s", got)
+		if got := f.times[len(f.times)-1].Sub(start); got != 25*time.Second {
+			t.Errorf("dial at +%v, want +25s", got)
 		}
 	})
 }
@@ -799,6 +805,80 @@ func TestSynctestRefusedCancelRequestGivesItsTokenBack(t *testing.T) {
 		}
 		if tokens := lim.Tokens(); tokens < 0.99 {
 			t.Errorf("bucket holds %.2f tokens, want the refused cancel's token back", tokens)
+		}
+	})
+}
+
+// A numbered fleet whose server is down comes back within one window of the
+// server, one member at a time on an even grid, at its budget.
+func TestSynctestFleetMembersReconnectOnTheirGridWithinOneWindow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const (
+			size   = 20
+			budget = 10.0                    // connections/s: a 2s window
+			up     = 5300 * time.Millisecond // the server comes back
+			accept = 10 * time.Millisecond
+		)
+		window := time.Duration(size / budget * float64(time.Second))
+		f := &fakeDials{} // refused until up
+		start := time.Now()
+		go func() {
+			time.Sleep(up)
+			f.set(nil, acceptAfter(accept))
+		}()
+		connected := make([]time.Duration, size)
+		var wg sync.WaitGroup
+		for i := range size {
+			// Every member draws the same place, 0.5: only the member
+			// index spreads them.
+			d, cfg := fakeInstalled(t, f, WithFleet(size, budget), WithFleetMember(i), WithRand(func() float64 { return 0.5 }),
+				WithBackOff(func() backoff.BackOff { return backoff.NewConstantBackOff(100 * time.Millisecond) }))
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				conn, err := d.Connect(ctx, cfg)
+				if err != nil {
+					t.Errorf("member %d: %v", i, err)
+					return
+				}
+				connected[i] = time.Since(start)
+				conn.Close(context.Background())
+			})
+		}
+		wg.Wait()
+		for i, at := range connected {
+			// Member i's place in each 2s cycle is (i + ½)/20 of it.
+			phase := time.Duration((float64(i) + 0.5) / size * float64(window))
+			if want := start.Add(up).Add(window).Add(accept); start.Add(at).After(want) {
+				t.Errorf("member %d connected at %v, later than a window after the server came back (%v)", i, at, want.Sub(start))
+			}
+			if off := (at - accept) % window; off != phase {
+				t.Errorf("member %d connected at %v, %v into a cycle, want at its place %v", i, at, off, phase)
+			}
+		}
+		// After the server is up, no second carries more than the budget.
+		var after []time.Time
+		for _, at := range f.times {
+			if !at.Before(start.Add(up)) {
+				after = append(after, at)
+			}
+		}
+		for _, from := range after {
+			n := 0
+			for _, at := range after {
+				if !at.Before(from) && at.Before(from.Add(time.Second)) {
+					n++
+				}
+			}
+			if n > budget {
+				t.Errorf("%d dials in the second from %v, want at most the budget %v", n, from.Sub(start), budget)
+			}
+		}
+		// While it was down, each member tried at its start, then at most
+		// once a cycle.
+		cycles := int((up + window - 1) / window)
+		if refused, most := len(f.times)-len(after), size*(1+cycles); refused > most {
+			t.Errorf("%d refused dials while down, want at most %d: one per member at start and per cycle", refused, most)
 		}
 	})
 }

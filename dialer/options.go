@@ -197,11 +197,14 @@ func WithResponseTarget(ratio float64) Option {
 //
 // After a transient failure, every later establishment of the process, in
 // a retry loop or not, waits the longer of the shared policy's next
-// interval and a fresh draw over the startup window counted from when the
-// bucket next holds a token, so that a fleet that loses its server together
-// comes back spread out, as at a fresh start. A dial refused at the TCP
-// level, or reset or closed before the server sent a byte, gives its token
-// back: the server forked nothing for it.
+// interval and the process's next place in a reconnect cycle: the first
+// instant, once the bucket holds a token, whose offset into a wall-clock
+// cycle as long as the startup window is the process's [Plan].Phase. A
+// fleet that loses its server together comes back spread over one window
+// once the server is up, in the same order each cycle, with no process
+// drawing again into the tail. A dial refused at the TCP level, or reset
+// or closed before the server sent a byte, gives its token back: the
+// server forked nothing for it.
 func WithBackOff(newPolicy func() backoff.BackOff) Option {
 	return optionFunc(func(c *config) {
 		if newPolicy == nil {
@@ -225,7 +228,21 @@ func WithBackOff(newPolicy func() backoff.BackOff) Option {
 // connections one connect costs (2 for sslmode=prefer, whose TLS attempt is
 // redialled in plain text against a server without TLS). Explicit
 // [WithStartupJitter], [WithConnectRate] and [WithLimiter] win over what
-// WithFleet derives. Default: no fleet.
+// WithFleet derives.
+//
+// The fleet's first connects decelerate over the window
+// ([jitter.Decelerating]): the server forks more slowly the more backends
+// it holds, so the fleet starts at 1.5× its budget and ends at 0.75×. Give
+// each process its index with [WithFleetMember] to place the fleet on an
+// even grid; random places clump.
+//
+// An operator can set the fleet per deployment in the connection string
+// instead, as pgxpool's pool_* parameters set a pool:
+// pgstagger_fleet_size, pgstagger_fleet_budget and pgstagger_fleet_member
+// (postgres://app@db/app?pgstagger_fleet_size=500&pgstagger_fleet_budget=200).
+// They win over the options and are removed before pgx sees the
+// configuration; a bad value fails Install, and so pool.New, with
+// [ErrInvalidOption] naming the parameter and the value. Default: no fleet.
 func WithFleet(size int, serverBudget float64) Option {
 	return optionFunc(func(c *config) {
 		switch {
@@ -240,10 +257,28 @@ func WithFleet(size int, serverBudget float64) Option {
 	})
 }
 
-// WithRand sets the random draw behind the startup delay, for
-// reproducible delays (tests, simulations): the delay is r() × window. It
-// must return values in [0, 1) and be safe for concurrent use. Default
-// [jitter.Float64].
+// WithFleetMember places this process at index i, 0 ≤ i < size, of its
+// fleet (see [WithFleet]), for fleets that number their members (a
+// StatefulSet's ordinal, a job's array index): its first connects start at
+// the middle of its own slot of the window, (i + ½) ÷ size of the fleet's
+// order, and after a failure it reconnects at that place in each cycle.
+// The index is checked against the fleet's size, which may come from the
+// connection string, when the Dialer is installed. Default: a random place.
+func WithFleetMember(i int) Option {
+	return optionFunc(func(c *config) {
+		if i < 0 {
+			c.invalid("WithFleetMember(%d): the index must not be negative", i)
+			return
+		}
+		c.FleetMember, c.FleetMemberSet = i, true
+	})
+}
+
+// WithRand sets the random draw behind the process's phase and the
+// pacer's probes, for reproducible delays (tests, simulations): the startup
+// delay is r() × window, or [jitter.Decelerating](window, r()) in a fleet
+// whose member index is not given. It must return values in [0, 1) and be
+// safe for concurrent use. Default [jitter.Float64].
 func WithRand(r jitter.Rand) Option {
 	return optionFunc(func(c *config) {
 		if r == nil {

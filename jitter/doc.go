@@ -11,9 +11,11 @@
 // anywhere in [0, 750ms), never truncated to whole seconds the way pgxpool
 // truncates MaxConnLifetimeJitter.
 //
-// [Uniform] spreads the first connections of a fleet over a window, and
-// each retry's wait over [0, interval) (full jitter, through
-// dialer.FullJitter).
+// [Uniform] spreads a process's first connections over a window, and each
+// retry's wait over [0, interval) (full jitter, through dialer.FullJitter).
+// [Decelerating] places a fleet's members in a window so that the fleet
+// connects more slowly as the server fills, and [Phase] keeps each member's
+// place in a wall-clock cycle when the fleet reconnects after a failure.
 //
 // The functions are safe for concurrent use; [Rand] values must be too if
 // shared.

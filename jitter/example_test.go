@@ -19,3 +19,18 @@ func ExampleUniform() {
 	// 375ms
 	// 749.25ms
 }
+
+// Member i of a fleet of n starts at (i + ½)/n of the fleet's order; the
+// gaps grow as the fleet fills.
+func ExampleDecelerating() {
+	window := 30 * time.Second
+	const n = 4
+	for i := range n {
+		fmt.Println(jitter.Decelerating(window, (float64(i)+0.5)/n).Round(time.Millisecond))
+	}
+	// Output:
+	// 2.656s
+	// 8.906s
+	// 16.406s
+	// 25.156s
+}

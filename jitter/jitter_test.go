@@ -83,3 +83,71 @@ func TestSleepZeroReportsDoneContext(t *testing.T) {
 		t.Fatalf("Sleep(cancelled, 0) = %v, want context.Canceled", err)
 	}
 }
+
+func TestDeceleratingSlowsAsTheFleetFills(t *testing.T) {
+	const n = 100
+	w := 30 * time.Second
+	var prev, firstGap, lastGap time.Duration
+	for i := range n {
+		at := Decelerating(w, (float64(i)+0.5)/n)
+		if at < 0 || at >= w {
+			t.Fatalf("member %d starts at %v, outside [0, %v)", i, at, w)
+		}
+		if i > 0 {
+			gap := at - prev
+			if gap <= 0 {
+				t.Fatalf("member %d starts at %v, not after member %d (%v)", i, at, i-1, prev)
+			}
+			if i == 1 {
+				firstGap = gap
+			}
+			lastGap = gap
+		}
+		prev = at
+	}
+	// The gap grows linearly from 2/3 to 4/3 of the even grid's (w/n).
+	if r := float64(lastGap) / float64(firstGap); r < 1.9 || r > 2.0 {
+		t.Errorf("last gap %v / first gap %v = %.3f, want ≈ 2", lastGap, firstGap, r)
+	}
+	if got, want := Decelerating(w, 0.5), 12500*time.Millisecond; got != want {
+		t.Errorf("Decelerating(%v, 0.5) = %v, want %v", w, got, want)
+	}
+	for _, f := range []float64{-1, math.NaN(), 1, 7} {
+		if d := Decelerating(w, f); d < 0 || d >= w {
+			t.Errorf("Decelerating(%v, %v) = %v, outside [0, %v)", w, f, d, w)
+		}
+	}
+	if d := Decelerating(0, 0.5); d != 0 {
+		t.Errorf("Decelerating(0, 0.5) = %v, want 0", d)
+	}
+}
+
+func TestPhaseIsTheNextInstantAtTheOffset(t *testing.T) {
+	epoch := time.Unix(1_800_000_000, 0) // a whole multiple of 10s
+	period := 10 * time.Second
+	cases := []struct {
+		t    time.Time
+		f    float64
+		want time.Time
+	}{
+		{epoch, 0, epoch},
+		{epoch, 0.25, epoch.Add(2500 * time.Millisecond)},
+		{epoch.Add(3 * time.Second), 0.25, epoch.Add(12500 * time.Millisecond)},
+		{epoch.Add(2500 * time.Millisecond), 0.25, epoch.Add(2500 * time.Millisecond)},
+		{epoch.Add(9 * time.Second), 0.95, epoch.Add(9500 * time.Millisecond)},
+		{epoch.Add(-time.Second), 0.5, epoch.Add(5 * time.Second)},
+	}
+	for _, c := range cases {
+		if got := Phase(c.t, period, c.f); !got.Equal(c.want) {
+			t.Errorf("Phase(%v, %v, %v) = %v, want %v", c.t.Sub(epoch), period, c.f, got.Sub(epoch), c.want.Sub(epoch))
+		}
+	}
+	if got := Phase(epoch.Add(3*time.Second), 0, 0.7); !got.Equal(epoch.Add(3 * time.Second)) {
+		t.Errorf("Phase with period 0 = %v, want t", got.Sub(epoch))
+	}
+	// Before the Unix epoch, offsets are still counted forward.
+	old := time.Unix(-15, 0)
+	if got := Phase(old, period, 0.5); !got.Equal(time.Unix(-15, 0)) {
+		t.Errorf("Phase(-15s, 10s, 0.5) = %v, want -15s", got.Unix())
+	}
+}

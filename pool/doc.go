@@ -17,7 +17,9 @@
 // connect failures of the pool's methods are retried with backoff and full
 // jitter; query errors never are. Connection lifetimes are jittered to the
 // nanosecond. Each option states its default; all of them protect a single
-// process with no option at all, and [WithFleet] budgets a fleet.
+// process with no option at all, and [WithFleet] budgets a fleet, also
+// from the connection string (pgstagger_fleet_size, pgstagger_fleet_budget,
+// pgstagger_fleet_member) as pgxpool's pool_* parameters set a pool.
 //
 // Errors match [dialer.ErrShed], [ErrClosed] or [dialer.ErrInvalidOption],
 // or are a [*dialer.GaveUpError]; [dialer.Classify] sorts them, so callers

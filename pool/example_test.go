@@ -40,6 +40,22 @@ func ExampleWithFleet() {
 	// Output: window 4s, 0.5 connects/s per worker
 }
 
+// An operator sets the fleet per deployment in DATABASE_URL; each worker of
+// a StatefulSet knows its ordinal, here 150 of 300, and starts in its own
+// slot of the window.
+func ExampleWithFleetMember() {
+	ctx := context.Background()
+	url := "postgres://app@db.internal/app?sslmode=disable&pgstagger_fleet_size=300&pgstagger_fleet_budget=150"
+	p, err := pool.New(ctx, url, pool.WithFleetMember(150))
+	if err != nil {
+		panic(err)
+	}
+	defer p.Close()
+	plan := p.Dialer().Plan()
+	fmt.Printf("window %v, member %d starts after %v\n", plan.StartupWindow, plan.FleetMember, plan.StartupDelay.Round(time.Millisecond))
+	// Output: window 2s, member 150 starts after 837ms
+}
+
 // Several pools of one process share a bucket.
 func ExampleWithLimiter() {
 	ctx := context.Background()

@@ -113,9 +113,18 @@ func WithBackOff(newPolicy func() backoff.BackOff) Option {
 // connections per second from all of them: the startup window becomes
 // size × warm × dials ÷ serverBudget and the rate serverBudget ÷ size, where
 // warm is max(MinConns, MinIdleConns, 1) and dials is 2 for sslmode=prefer,
-// else 1. See [dialer.WithFleet]. Default: no fleet.
+// else 1. The connection string's pgstagger_fleet_size,
+// pgstagger_fleet_budget and pgstagger_fleet_member parameters win over
+// it. See [dialer.WithFleet]. Default: no fleet.
 func WithFleet(size int, serverBudget float64) Option {
 	return gate(dialer.WithFleet(size, serverBudget))
+}
+
+// WithFleetMember places this process at index i, 0 ≤ i < size, of its
+// fleet, on an even grid in the startup window and the reconnect cycle.
+// See [dialer.WithFleetMember]. Default: a random place.
+func WithFleetMember(i int) Option {
+	return gate(dialer.WithFleetMember(i))
 }
 
 // WithTracerProvider sets where connect spans go: one span per connection

@@ -102,6 +102,8 @@ func TestInvalidInputFailsInNew(t *testing.T) {
 		{"bad pool setting", "postgres://u:hunter2pw@127.0.0.1/x?pool_max_conns=zero", nil, []string{"pool_max_conns"}},
 		{"bad port", "postgres://u:hunter2pw@127.0.0.1:notaport/x", nil, []string{"connection string"}},
 		{"min above max", db(t).ConnString("", "pool_min_conns=9", "pool_max_conns=4"), nil, []string{"MinConns 9", "MaxConns 4"}},
+		{"bad fleet parameter", db(t).ConnString("", "pgstagger_fleet_size=many", "pgstagger_fleet_budget=5"), nil, []string{"pgstagger_fleet_size", "many"}},
+		{"member beyond the fleet", db(t).ConnString("", "pgstagger_fleet_size=4", "pgstagger_fleet_budget=5"), []Option{WithFleetMember(4)}, []string{"WithFleetMember(4)", "fleet size (4)"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -497,5 +499,27 @@ func TestDeprecatedBeforeAcquireStillWorks(t *testing.T) {
 	}
 	if called.Load() != 1 {
 		t.Errorf("BeforeAcquire called %d times, want 1", called.Load())
+	}
+}
+
+// An operator sets the fleet in DATABASE_URL; the server never sees the
+// parameters (it would refuse a connection that set them).
+func TestFleetFromTheConnectionString(t *testing.T) {
+	ctx := context.Background()
+	p, err := New(ctx, db(t).ConnString("", "pgstagger_fleet_size=3", "pgstagger_fleet_budget=300", "pgstagger_fleet_member=2", "pool_max_conns=2"),
+		WithResponseTarget(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := p.Ping(ctx); err != nil {
+		t.Fatalf("ping: %v", err)
+	}
+	plan := p.Dialer().Plan()
+	if plan.FleetSize != 3 || plan.FleetBudget != 300 || plan.FleetMember != 2 || plan.StartupWindow != 10*time.Millisecond {
+		t.Errorf("plan = %+v, want fleet 3 at 300/s, member 2, window 10ms", plan)
+	}
+	if got := p.Config().ConnConfig.RuntimeParams; got["pgstagger_fleet_size"] != "3" {
+		t.Errorf("Config().ConnConfig.RuntimeParams = %v, want the caller's configuration as given", got)
 	}
 }

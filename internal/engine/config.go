@@ -29,8 +29,10 @@ type Config struct {
 	ResponseTarget float64 // the pacer's ratio target; 0: pacer off
 	NewBackOff     func() backoff.BackOff
 
-	FleetSize   int // 0: no fleet
-	FleetBudget float64
+	FleetSize      int // 0: no fleet
+	FleetBudget    float64
+	FleetMember    int  // this process's index in the fleet, if FleetMemberSet
+	FleetMemberSet bool // FleetMember was given
 
 	Rand jitter.Rand
 
@@ -54,20 +56,27 @@ const minFleetRate rate.Limit = 1.0 / 60
 // dialer.Plan, field for field.
 type Plan struct {
 	StartupWindow  time.Duration
+	StartupDelay   time.Duration
+	Phase          float64
 	Rate           rate.Limit
 	Burst          int
 	MaxConnecting  int
 	ResponseTarget float64
 	Warm           int
 	Dials          int
+	FleetSize      int
+	FleetBudget    float64
+	FleetMember    int
 }
 
 // Plan resolves c for a process that opens warm connections at start, each
-// costing up to dials TCP connections.
-func (c *Config) Plan(warm, dials int) Plan {
+// costing up to dials TCP connections; draw ∈ [0, 1) places the process in
+// its fleet's order unless c gives its member index.
+func (c *Config) Plan(warm, dials int, draw float64) Plan {
 	warm, dials = max(warm, 1), max(dials, 1)
-	p := Plan{StartupWindow: c.Window, Rate: c.Limit, Burst: c.Burst, MaxConnecting: c.MaxConnecting,
-		ResponseTarget: c.ResponseTarget, Warm: warm, Dials: dials}
+	p := Plan{StartupWindow: c.Window, Phase: draw, Rate: c.Limit, Burst: c.Burst, MaxConnecting: c.MaxConnecting,
+		ResponseTarget: c.ResponseTarget, Warm: warm, Dials: dials,
+		FleetSize: c.FleetSize, FleetBudget: c.FleetBudget, FleetMember: -1}
 	if c.FleetSize > 0 {
 		demand := float64(c.FleetSize) * float64(warm) * float64(dials)
 		if !c.WindowSet {
@@ -80,6 +89,14 @@ func (c *Config) Plan(warm, dials int) Plan {
 	}
 	if c.Limiter != nil {
 		p.Rate, p.Burst = c.Limiter.Limit(), c.Limiter.Burst()
+	}
+	p.StartupDelay = jitter.Uniform(p.StartupWindow, p.Phase)
+	if c.FleetSize > 0 {
+		if c.FleetMemberSet {
+			p.FleetMember = c.FleetMember
+			p.Phase = (float64(c.FleetMember) + 0.5) / float64(c.FleetSize)
+		}
+		p.StartupDelay = jitter.Decelerating(p.StartupWindow, p.Phase)
 	}
 	return p
 }

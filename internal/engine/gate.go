@@ -14,6 +14,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -23,8 +24,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/multitracer"
 	"golang.org/x/time/rate"
-
-	"github.com/pgstagger/pgstagger/jitter"
 )
 
 // Gate is the connection-establishment gate. Installed on a connection
@@ -43,6 +42,7 @@ type Gate struct {
 	bindOnce   sync.Once
 	bound      atomic.Bool
 	plan       Plan
+	params     map[string]string // the connection string's fleet parameters
 	limiter    *rate.Limiter
 	startupEnd time.Time // end of the startup delay
 	forPool    bool      // installed on a pool's configuration
@@ -114,9 +114,18 @@ func (g *Gate) Install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
 	if Installed(cfg.Tracer) != nil {
 		return fmt.Errorf("%w: a pgstagger Dialer is already installed on this configuration", ErrInvalidOption)
 	}
-	g.bind(cfg, warm, forPool)
+	params := takeParams(cfg.RuntimeParams)
+	merged, err := g.cfg.withParams(params)
+	if err != nil {
+		return err
+	}
+	g.bind(cfg, merged, params, warm, forPool)
 	if g.bindErr != nil {
 		return g.bindErr
+	}
+	if !maps.Equal(params, g.params) {
+		return fmt.Errorf("%w: the fleet parameters of this connection string (%s, %s, %s) differ from those of the configuration the Dialer was first installed on: one Dialer plans one fleet",
+			ErrInvalidOption, ParamFleetSize, ParamFleetBudget, ParamFleetMember)
 	}
 	next := cfg.DialFunc
 	if next == nil {
@@ -154,18 +163,19 @@ func Installed(t pgx.QueryTracer) *Gate {
 	return nil
 }
 
-// bind resolves the Config for the first configuration g is installed on
-// and starts the startup delay.
-func (g *Gate) bind(cfg *pgx.ConnConfig, warm int, forPool bool) {
+// bind resolves c, g's Config with the connection string's params, for the
+// first configuration g is installed on and starts the startup delay.
+func (g *Gate) bind(cfg *pgx.ConnConfig, c *Config, params map[string]string, warm int, forPool bool) {
 	g.bindOnce.Do(func() {
 		g.forPool = forPool
+		g.params = params
 		g.tel.bind(g.cfg.PoolName, &cfg.Config)
-		g.plan = g.cfg.Plan(warm, DialsPerConnect(&cfg.Config))
+		g.plan = c.Plan(warm, DialsPerConnect(&cfg.Config), g.cfg.Rand())
 		g.limiter = g.cfg.Limiter
 		if g.limiter == nil {
 			g.limiter = rate.NewLimiter(g.plan.Rate, g.plan.Burst)
 		}
-		g.startupEnd = time.Now().Add(jitter.Uniform(g.plan.StartupWindow, g.cfg.Rand()))
+		g.startupEnd = time.Now().Add(g.plan.StartupDelay)
 		if g.pacer != nil {
 			g.bindErr = g.tel.observePacer(g.pacer)
 		}

@@ -195,7 +195,10 @@ func (s *simServer) serve(t time.Time) time.Time {
 			first = i
 		}
 	}
-	s.free[first] = maxTime(t, s.free[first]).Add(s.service)
+	if t.After(s.free[first]) {
+		s.free[first] = t
+	}
+	s.free[first] = s.free[first].Add(s.service)
 	return s.free[first]
 }
 

@@ -10,12 +10,14 @@ import (
 
 // The recovery state, [Gate.recovery], is set by a transient failure and
 // cleared by the next success. While it is set, every new establishment of
-// the process waits for its recoverUntil: the longer of the shared backoff
-// and a fresh draw over the startup window, counted from when the bucket
-// next holds a token. A failing server is often failing for the whole fleet
-// (a restart): the draw spreads the fleet's reconnects as at a fresh start,
-// and counting it from the refill keeps buckets emptied together from
-// releasing the fleet together.
+// the process waits for its recoverUntil: the process's next place in a
+// wall-clock cycle as long as the startup window (its phase, [Plan].Phase)
+// once the shared backoff has passed and the bucket holds a token. A
+// failing server is often failing for the whole fleet (a restart): the
+// phases spread the fleet's reconnects over one cycle, in the same order
+// every cycle, so the fleet is back within a cycle of the server, with no
+// process drawing again into a tail; and waiting for the token first keeps
+// buckets emptied together from releasing the fleet together.
 
 // waitRecovery waits out the recovery state, if any.
 func (g *Gate) waitRecovery(e *establishment) error {
@@ -68,18 +70,13 @@ func (g *Gate) failed(admitted, now time.Time) {
 		g.policy.Reset()
 		wait = max(g.policy.NextBackOff(), 0)
 	}
-	g.recovery.Store(&outage{recoverUntil: maxTime(now.Add(wait), g.spreadFrom(now)), failedAt: now})
+	g.recovery.Store(&outage{recoverUntil: g.spreadFrom(now.Add(wait)), failedAt: now})
 }
 
-// spreadFrom is a fresh draw over the startup window, counted from when the
-// bucket next has a whole token after now.
-func (g *Gate) spreadFrom(now time.Time) time.Time {
-	return g.nextToken(now).Add(jitter.Uniform(g.plan.StartupWindow, g.cfg.Rand()))
-}
-
-func maxTime(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
+// spreadFrom is the process's next place in the fleet's reconnect cycle
+// once the bucket has a whole token at or after t: the first instant, at or
+// after the token, whose offset into a startup-window-long wall-clock cycle
+// is the process's phase.
+func (g *Gate) spreadFrom(t time.Time) time.Time {
+	return jitter.Phase(g.nextToken(t), g.plan.StartupWindow, g.plan.Phase)
 }
