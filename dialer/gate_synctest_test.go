@@ -882,3 +882,51 @@ func TestSynctestFleetMembersReconnectOnTheirGridWithinOneWindow(t *testing.T) {
 		}
 	})
 }
+
+// A numbered fleet that connected at its start and connects again as soon
+// as its buckets refill (its connections died with no failed connect, so
+// no reconnect cycle began) still dials at its budget: waits for a token
+// end on each member's place in a cycle of one refill, not on the refill
+// times the start's decelerating schedule left.
+func TestSynctestFleetTokenWaitsEndOnTheMembersGrid(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const (
+			size   = 20
+			budget = 10.0 // connections/s: a 2s window, a token per member every 2s
+		)
+		f := &fakeDials{}
+		f.set(nil, acceptAfter(0))
+		start := time.Now()
+		var wg sync.WaitGroup
+		for i := range size {
+			d, cfg := fakeInstalled(t, f, WithFleet(size, budget), WithFleetMember(i), WithResponseTarget(0))
+			wg.Go(func() {
+				for range 2 {
+					conn, err := d.Connect(context.Background(), cfg)
+					if err != nil {
+						t.Errorf("member %d: %v", i, err)
+						return
+					}
+					conn.Close(context.Background())
+				}
+			})
+		}
+		wg.Wait()
+		if n := f.count(); n != 2*size {
+			t.Fatalf("%d dials, want %d", n, 2*size)
+		}
+		// The second connects: no second carries more than the budget.
+		second := f.times[size:]
+		for _, from := range second {
+			n := 0
+			for _, at := range second {
+				if !at.Before(from) && at.Before(from.Add(time.Second)) {
+					n++
+				}
+			}
+			if n > budget {
+				t.Errorf("%d dials in the second from %v, want at most the budget %v", n, from.Sub(start), budget)
+			}
+		}
+	})
+}

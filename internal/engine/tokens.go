@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/pgstagger/pgstagger/jitter"
 )
 
 // Every TCP connection the server may fork a backend for takes one token
@@ -19,16 +21,31 @@ import (
 // the wait cannot end in time for the caller (see shedIfTooLate). refund
 // gives the token back.
 func (g *Gate) takeToken(e *establishment) (refund func(), err error) {
-	return g.token(e.wait, e.ctx,
+	return g.token(e.wait, e.ctx, g.tokenGrid(),
 		func(need time.Duration, at time.Time) error { return g.shedIfTooLate(e, WaitRate, need, at) },
 		func(need time.Duration, _ error) error { return g.waitError(e, WaitRate, need) })
+}
+
+// tokenGrid is the period of the grid a fleet member's waits for a token
+// end on, at its phase (0: no grid). A fleet's buckets all refill at
+// budget ÷ size; waits that end on each member's place in a cycle of one
+// refill keep the fleet's dials spread at its budget whenever its members
+// wait for tokens together: buckets emptied at the fleet's start would
+// otherwise refill on the start's schedule, on top of the reconnect cycle,
+// and a fleet that lost its connections to a restart would dial at twice
+// its budget.
+func (g *Gate) tokenGrid() time.Duration {
+	if g.plan.FleetSize == 0 || g.cfg.Limiter != nil || g.plan.Rate == rate.Inf || g.plan.Rate <= 0 {
+		return 0
+	}
+	return time.Duration(float64(time.Second) / float64(g.plan.Rate))
 }
 
 // cancelToken takes a token for a CancelRequest, waiting for it until ctx
 // ends (see [cancelConn]); a wait that cannot end before ctx's deadline is
 // not begun. refund gives the token back.
 func (g *Gate) cancelToken(ctx context.Context) (refund func(), err error) {
-	return g.token(ctx, ctx,
+	return g.token(ctx, ctx, 0,
 		func(need time.Duration, at time.Time) error {
 			if dl, ok := ctx.Deadline(); ok && dl.Before(at) {
 				g.stats.CancelsShed.Add(1)
@@ -45,8 +62,9 @@ func (g *Gate) cancelToken(ctx context.Context) (refund func(), err error) {
 // token takes one token from the bucket, waiting for it until ctx ends
 // (the wait's span and metric go under spanCtx) unless tooLate refuses a
 // wait of need ending at at; ended turns the error of a wait that ended
-// early into the one returned. refund gives the token back.
-func (g *Gate) token(ctx, spanCtx context.Context, tooLate func(need time.Duration, at time.Time) error,
+// early into the one returned. A wait ends at the process's phase of a
+// cycle of grid, if grid is not 0. refund gives the token back.
+func (g *Gate) token(ctx, spanCtx context.Context, grid time.Duration, tooLate func(need time.Duration, at time.Time) error,
 	ended func(need time.Duration, err error) error) (refund func(), err error) {
 	now := time.Now()
 	r := g.limiter.ReserveN(now, 1)
@@ -61,7 +79,10 @@ func (g *Gate) token(ctx, spanCtx context.Context, tooLate func(need time.Durati
 	if wait == 0 {
 		return refund, nil
 	}
-	if err := tooLate(wait, act); err != nil {
+	if grid > 0 {
+		wait = jitter.Phase(act, grid, g.plan.Phase).Sub(now)
+	}
+	if err := tooLate(wait, now.Add(wait)); err != nil {
 		r.CancelAt(now)
 		return nil, err
 	}
