@@ -28,13 +28,16 @@ type runConfig struct {
 	fleet    int           // workers, each with a pool of its own
 	conns    int           // connections each worker needs
 	deadline time.Duration // each worker's deadline, from the fleet's start
-	// newPool builds a worker's pool from cfg, which counts its dials.
-	newPool func(ctx context.Context, cfg *pgxpool.Config) (workerPool, error)
+	// newPool builds worker i's pool from cfg, which counts its dials.
+	newPool func(ctx context.Context, cfg *pgxpool.Config, i int) (workerPool, error)
+	// budgeted: the run is configured with the fleet's budget.
+	budgeted bool
 }
 
 // runResult is what one fleet start did.
 type runResult struct {
 	name      string
+	budgeted  bool
 	fleet     int
 	failed    int
 	firstErr  string
@@ -42,6 +45,7 @@ type runResult struct {
 	allReady  time.Duration   // last successful worker ready (0 if none)
 	dials     int64           // TCP connections the workers opened
 	bystander []sample
+	gate      *gateCounts // the pgstagger pools' statistics at the end (nil for pgxpool)
 }
 
 // runFleet starts cfg.fleet workers at once. Each creates its pool, then
@@ -70,7 +74,7 @@ func runFleet(ctx context.Context, cfg runConfig, by *bystander, progress bool) 
 
 	var (
 		mu       sync.Mutex
-		res      = runResult{name: cfg.name, fleet: cfg.fleet}
+		res      = runResult{name: cfg.name, budgeted: cfg.budgeted, fleet: cfg.fleet}
 		ready    atomic.Int64
 		failed   atomic.Int64
 		pools    = make([]workerPool, cfg.fleet)
@@ -83,7 +87,7 @@ func runFleet(ctx context.Context, cfg runConfig, by *bystander, progress bool) 
 			start := time.Now()
 			wctx, cancel := context.WithTimeout(ctx, cfg.deadline)
 			defer cancel()
-			p, err := cfg.newPool(ctx, base.Copy())
+			p, err := cfg.newPool(ctx, base.Copy(), i)
 			if err == nil {
 				pools[i] = p
 				err = work(wctx, p, cfg.conns)
@@ -130,6 +134,7 @@ loop:
 	time.Sleep(500 * time.Millisecond)
 	stopBy()
 	<-byDone
+	res.gate = countGates(pools)
 	for _, p := range pools {
 		if p != nil {
 			p.Close()
@@ -167,12 +172,14 @@ func work(ctx context.Context, p workerPool, conns int) error {
 	return nil
 }
 
-func plainPool(ctx context.Context, cfg *pgxpool.Config) (workerPool, error) {
+func plainPool(ctx context.Context, cfg *pgxpool.Config, _ int) (workerPool, error) {
 	return pgxpool.NewWithConfig(ctx, cfg)
 }
 
-func staggeredPool(opts ...pool.Option) func(context.Context, *pgxpool.Config) (workerPool, error) {
-	return func(ctx context.Context, cfg *pgxpool.Config) (workerPool, error) {
-		return pool.NewWithConfig(ctx, cfg, opts...)
+// staggeredPool builds worker i's pgstagger pool with the options opts(i)
+// gives.
+func staggeredPool(opts func(i int) []pool.Option) func(context.Context, *pgxpool.Config, int) (workerPool, error) {
+	return func(ctx context.Context, cfg *pgxpool.Config, i int) (workerPool, error) {
+		return pool.NewWithConfig(ctx, cfg, opts(i)...)
 	}
 }

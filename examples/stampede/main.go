@@ -18,6 +18,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"time"
 
@@ -35,8 +36,10 @@ func main() {
 type options struct {
 	url       string
 	scenario  string
+	runs      string
 	fleet     int
 	fleetSet  bool // -fleet given: never scaled
+	connsSet  bool // -conns given
 	conns     int
 	deadline  time.Duration
 	budget    float64
@@ -52,14 +55,27 @@ const maxWindow = 20 * time.Second
 func run() error {
 	var o options
 	flag.StringVar(&o.url, "url", "", "PostgreSQL connection string (its max_connections must exceed fleet × conns); empty starts a throwaway local cluster")
-	flag.StringVar(&o.scenario, "scenario", "start", "start: a synchronized fleet start; restart: a fleet holding connections through a server restart")
+	flag.StringVar(&o.scenario, "scenario", "start", "start: a synchronized fleet start; pools: the same with 60 workers × 25 connections; restart: a fleet holding connections through a server restart")
+	flag.StringVar(&o.runs, "runs", "pgxpool,pgstagger,configured", "the runs, in order: pgxpool, pgstagger (no options), configured (WithFleet and WithFleetMember)")
 	flag.IntVar(&o.fleet, "fleet", 1500, "workers, each with a pool of its own")
 	flag.IntVar(&o.conns, "conns", 1, "connections each worker needs")
 	flag.DurationVar(&o.deadline, "deadline", 30*time.Second, "each worker's deadline, from the fleet's start")
 	flag.Float64Var(&o.budget, "budget", 0, "new connections per second the server should absorb from the whole fleet (0: half the measured capacity)")
 	flag.StringVar(&o.chart, "chart", "stampede.svg", "SVG chart of the bystander's connect latency ('' for none)")
 	flag.Parse()
-	flag.Visit(func(f *flag.Flag) { o.fleetSet = o.fleetSet || f.Name == "fleet" })
+	flag.Visit(func(f *flag.Flag) {
+		o.fleetSet = o.fleetSet || f.Name == "fleet"
+		o.connsSet = o.connsSet || f.Name == "conns"
+	})
+	if o.scenario == "pools" {
+		// Services hold pools of several connections.
+		if !o.fleetSet {
+			o.fleet = 60
+		}
+		if !o.connsSet {
+			o.conns = 25
+		}
+	}
 	if o.fleet < 1 || o.conns < 1 || o.deadline <= 0 || o.budget < 0 {
 		return fmt.Errorf("-fleet and -conns must be at least 1, -deadline positive and -budget not negative")
 	}
@@ -110,19 +126,22 @@ func run() error {
 	fmt.Fprintln(out)
 
 	switch o.scenario {
-	case "start":
+	case "start", "pools":
 		return startScenario(ctx, out, o, idle, capacity, progress)
 	case "restart":
 		return restartScenario(ctx, out, o, cluster, idle, capacity, progress)
 	}
-	return fmt.Errorf("-scenario %q: want start or restart", o.scenario)
+	return fmt.Errorf("-scenario %q: want start, pools or restart", o.scenario)
 }
 
 func startScenario(ctx context.Context, out io.Writer, o options, idle time.Duration, capacity float64, progress bool) error {
 	newBystander := func() *bystander {
 		return &bystander{url: o.url, interval: o.bystander, timeout: 60 * time.Second}
 	}
-	runs := bothRuns(o)
+	runs, err := allRuns(o)
+	if err != nil {
+		return err
+	}
 	var results []runResult
 	for i, rc := range runs {
 		if i > 0 {
@@ -186,7 +205,7 @@ func report(out io.Writer, o options, idle time.Duration, capacity float64, rs [
 	})
 	row(fmt.Sprintf("  physical limit %.0f ÷ %.0f/s", need, capacity), func(runResult) string { return sec(limit) })
 	row(fmt.Sprintf("  budgeted %.0f ÷ %.0f/s", need, o.budget), func(r runResult) string {
-		if r.name == "pgstagger" {
+		if r.budgeted {
 			return sec(planned)
 		}
 		return "-"
@@ -198,6 +217,7 @@ func report(out io.Writer, o options, idle time.Duration, capacity float64, rs [
 	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r runResult) string { return bystanderTimesIdle(r.bystander, idle) })
 	row("bystander connects failed", func(r runResult) string { return bystanderFailed(r.bystander) })
 	row("server connections opened", func(r runResult) string { return fmt.Sprint(r.dials) })
+	row("pacer decreases; baseline p50 / max", func(r runResult) string { return pacerCell(r.gate) })
 	for _, r := range rs {
 		if r.firstErr != "" {
 			fmt.Fprintf(out, "\n%s's first worker error: %s\n", r.name, oneLine(r.firstErr))
@@ -205,13 +225,26 @@ func report(out io.Writer, o options, idle time.Duration, capacity float64, rs [
 	}
 }
 
-// bothRuns is the fleet run twice: plain pgxpool, and pgstagger budgeted
-// for the fleet.
-func bothRuns(o options) []runConfig {
-	return []runConfig{
+// allRuns is the fleet run up to three times (-runs): plain pgxpool,
+// pgstagger with no options, and pgstagger configured: budgeted for the
+// fleet, each worker given its index.
+func allRuns(o options) ([]runConfig, error) {
+	all := []runConfig{
 		{name: "pgxpool", newPool: plainPool},
-		{name: "pgstagger", newPool: staggeredPool(pool.WithFleet(o.fleet, o.budget))},
+		{name: "pgstagger", newPool: staggeredPool(func(int) []pool.Option { return nil })},
+		{name: "configured", budgeted: true, newPool: staggeredPool(func(i int) []pool.Option {
+			return []pool.Option{pool.WithFleet(o.fleet, o.budget), pool.WithFleetMember(i)}
+		})},
 	}
+	var runs []runConfig
+	for _, name := range strings.Split(o.runs, ",") {
+		i := slices.IndexFunc(all, func(rc runConfig) bool { return rc.name == name })
+		if i < 0 {
+			return nil, fmt.Errorf("-runs %q: want a list of pgxpool, pgstagger and configured", o.runs)
+		}
+		runs = append(runs, all[i])
+	}
+	return runs, nil
 }
 
 // bystanderFailed is how many of the bystander's connects failed.

@@ -32,7 +32,11 @@ type restartResult struct {
 }
 
 // gateCounts sums the fleet's pgstagger gate statistics.
-type gateCounts struct{ refunds, cancelsSkipped, cancelDials, cancelsShed int64 }
+type gateCounts struct {
+	refunds, cancelsSkipped, cancelDials, cancelsShed int64
+	decreases                                         int64           // the pacers' decreases
+	baselines                                         []time.Duration // each pacer's baseline
+}
 
 // countGates sums the Stats of pools that are pgstagger's, or returns nil.
 func countGates(pools []workerPool) *gateCounts {
@@ -50,15 +54,31 @@ func countGates(pools []workerPool) *gateCounts {
 		g.cancelsSkipped += s.CancelsSkipped
 		g.cancelDials += s.CancelDials
 		g.cancelsShed += s.CancelsShed
+		g.decreases += s.Decreases
+		if s.Baseline > 0 {
+			g.baselines = append(g.baselines, s.Baseline)
+		}
 	}
 	return g
+}
+
+// pacerCell is the pacers' decreases and their baselines' p50 / max.
+func pacerCell(g *gateCounts) string {
+	if g == nil || len(g.baselines) == 0 {
+		return "-"
+	}
+	l := slices.Sorted(slices.Values(g.baselines))
+	return fmt.Sprintf("%d; %s / %s", g.decreases, ms(percentile(l, 50)), ms(percentile(l, 100)))
 }
 
 func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cluster, idle time.Duration, capacity float64, progress bool) error {
 	if c == nil {
 		return errors.New("-scenario restart restarts the server: it needs the throwaway cluster, not -url")
 	}
-	runs := bothRuns(o)
+	runs, err := allRuns(o)
+	if err != nil {
+		return err
+	}
 	var results []restartResult
 	for i, rc := range runs {
 		if i > 0 {
@@ -100,15 +120,28 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		return cell
 	})
 	row(fmt.Sprintf("  budgeted %d ÷ %.0f/s after up", o.fleet*o.conns, o.budget), func(r restartResult) string {
-		if r.name == "pgstagger" {
+		if r.budgeted {
 			return sec(time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second)))
 		}
 		return "-"
 	})
 	row("peak dials in one second (refused too)", func(r restartResult) string { return fmt.Sprint(peakPerSecond(r.dialTimes)) })
-	row("bystander connect p50 / p99 / max", func(r restartResult) string { return bystanderLatency(r.bystander) })
-	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string { return bystanderTimesIdle(r.bystander, idle) })
-	row("bystander connects failed (server down)", func(r restartResult) string { return bystanderFailed(r.bystander) })
+	// The fleet's own queries load the server: the bystander's connects in
+	// the seconds before the restart are the steady state to compare with.
+	row("bystander before the restart p50 / p99", func(r restartResult) string {
+		l := latencies(r.before())
+		return ms(percentile(l, 50)) + " / " + ms(percentile(l, 99))
+	})
+	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string {
+		l := latencies(r.before())
+		return fmt.Sprintf("%.0f× / %.0f×", ratio(percentile(l, 50), idle), ratio(percentile(l, 99), idle))
+	})
+	row("bystander in recovery p50 / p99 / max", func(r restartResult) string { return bystanderLatency(r.after()) })
+	row(fmt.Sprintf("  × idle connect (%s)", ms(idle)), func(r restartResult) string { return bystanderTimesIdle(r.after(), idle) })
+	row("  p99 × p99 before the restart", func(r restartResult) string {
+		return fmt.Sprintf("%.1f×", ratio(percentile(latencies(r.after()), 99), percentile(latencies(r.before()), 99)))
+	})
+	row("bystander connects failed (server down)", func(r restartResult) string { return bystanderFailed(r.after()) })
 	row("dials during recovery (refused ones too)", func(r restartResult) string { return fmt.Sprint(len(r.dialTimes)) })
 	row("  tokens given back (nothing forked)", func(r restartResult) string {
 		if r.gate == nil {
@@ -122,6 +155,7 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		}
 		return fmt.Sprintf("%d / %d / %d", r.gate.cancelDials, r.gate.cancelsSkipped, r.gate.cancelsShed)
 	})
+	row("pacer decreases; baseline p50 / max", func(r restartResult) string { return pacerCell(r.gate) })
 	fmt.Fprintln(out, "\ndials per second since the restart began (second:count):")
 	for _, r := range results {
 		h := map[int]int{}
@@ -150,6 +184,16 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		fmt.Fprintf(out, "\nchart of the bystander's connect latency: %s\n", o.chart)
 	}
 	return nil
+}
+
+// before is the bystander's samples before the restart, after those from
+// its beginning on.
+func (r restartResult) before() []sample {
+	return slices.DeleteFunc(slices.Clone(r.bystander), func(s sample) bool { return s.at >= 0 })
+}
+
+func (r restartResult) after() []sample {
+	return slices.DeleteFunc(slices.Clone(r.bystander), func(s sample) bool { return s.at < 0 })
 }
 
 // peakPerSecond is the most dials in any one-second window.
@@ -195,7 +239,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	var wg sync.WaitGroup
 	pools := make([]workerPool, cfg.fleet)
 	for i := range cfg.fleet {
-		p, err := cfg.newPool(ctx, base.Copy())
+		p, err := cfg.newPool(ctx, base.Copy(), i)
 		if err != nil {
 			return restartResult{}, err
 		}
@@ -239,7 +283,8 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	defer stopBy()
 	byDone := make(chan struct{})
 	go func() { by.run(byCtx); close(byDone) }()
-	if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+	// The loaded steady state, for comparison.
+	if err := sleepCtx(ctx, 3*time.Second); err != nil {
 		return restartResult{}, err
 	}
 	before := countGates(pools)
@@ -251,7 +296,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	}
 	upAt := time.Now()
 	upNanos.Store(upAt.UnixNano())
-	res := restartResult{runResult: runResult{name: cfg.name, fleet: cfg.fleet}, up: upAt.Sub(restartAt)}
+	res := restartResult{runResult: runResult{name: cfg.name, budgeted: cfg.budgeted, fleet: cfg.fleet}, up: upAt.Sub(restartAt)}
 	deadline := upAt.Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		if allSince(lastOK, upAt) {
@@ -294,6 +339,8 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 			cancelsSkipped: after.cancelsSkipped - before.cancelsSkipped,
 			cancelDials:    after.cancelDials - before.cancelDials,
 			cancelsShed:    after.cancelsShed - before.cancelsShed,
+			decreases:      after.decreases - before.decreases,
+			baselines:      after.baselines,
 		}
 	}
 	for i := range firstOK {
