@@ -930,3 +930,34 @@ func TestSynctestFleetTokenWaitsEndOnTheMembersGrid(t *testing.T) {
 		}
 	})
 }
+
+// A fleet member whose connect the server forked for and then failed (here,
+// answered with a byte and closed) gets its token back: it tries again at
+// its next place in the reconnect cycle, not a whole refill later and then
+// at its place.
+func TestSynctestFleetMemberTransientFailureKeepsItsPlace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		f.set(nil, func(server net.Conn) {
+			_, _ = server.Read(make([]byte, 1024))
+			_, _ = server.Write([]byte{'R'})
+		})
+		// Fleet of 10 at 1/s: a 10s window and cycle, one token per 10s;
+		// member 3's place is 3.5s into each cycle, and its startup delay
+		// (the decelerating window) 2.74s.
+		d, cfg := fakeInstalled(t, f, WithFleet(10, 1), WithFleetMember(3), WithBackOff(noRetry), WithResponseTarget(0))
+		start := time.Now()
+		if _, err := pgx.ConnectConfig(context.Background(), cfg); Classify(err) != Transient {
+			t.Fatalf("first connect: %v, want a transient failure", err)
+		}
+		first := f.times[0].Sub(start)
+		_, _ = pgx.ConnectConfig(context.Background(), cfg)
+		// Without the token back: refilled at 12.74s, then its place, 13.5s.
+		if got := f.times[1].Sub(start); got != 3500*time.Millisecond {
+			t.Errorf("dials at %v and %v, want the second at its place in this cycle, 3.5s", first, got)
+		}
+		if s := d.Stats(); s.Refunds != 2 {
+			t.Errorf("refunds = %d, want both failed connects' tokens back", s.Refunds)
+		}
+	})
+}

@@ -204,7 +204,10 @@ func WithResponseTarget(ratio float64) Option {
 // once the server is up, in the same order each cycle, with no process
 // drawing again into the tail. A dial refused at the TCP level, or reset
 // or closed before the server sent a byte, gives its token back: the
-// server forked nothing for it.
+// server forked nothing for it. In a fleet ([WithFleet]) every transient
+// failure gives its tokens back, since the cycle already paces the
+// process at one attempt a window, and waits for a token end on the
+// process's place in a cycle of one refill.
 func WithBackOff(newPolicy func() backoff.BackOff) Option {
 	return optionFunc(func(c *config) {
 		if newPolicy == nil {

@@ -277,8 +277,8 @@ func (g *Gate) end(e *establishment, err error) {
 		return
 	}
 	now := time.Now()
-	g.release(e)
 	class := Classify(err)
+	g.release(e, class)
 	g.learn(e, class, now)
 	g.report(e, err, class, now)
 	e.cancel(nil)
@@ -286,8 +286,12 @@ func (g *Gate) end(e *establishment, err error) {
 
 // release gives back what begin took but the span and ctx, which report
 // still uses, and the tokens of dials the server never answered (see
-// dialFunc), before learn counts a recovery delay from the bucket.
-func (g *Gate) release(e *establishment) {
+// dialFunc), before learn counts a recovery delay from the bucket. A fleet
+// member also gives back the tokens of an establishment that failed
+// transiently: its reconnect cycle paces its attempts, one a window, and a
+// bucket refilled on its own schedule would add up to a window to each.
+func (g *Gate) release(e *establishment, class Class) {
+	giveBack := class == Transient && g.tokenGrid() > 0
 	if e.holdsSlot {
 		<-g.slots
 	}
@@ -299,7 +303,7 @@ func (g *Gate) release(e *establishment) {
 	g.inflight.Add(-1)
 	e.mu.Lock()
 	for _, r := range e.dials {
-		if r.conn != nil && r.conn.dropped() {
+		if r.conn != nil && (giveBack || r.conn.dropped()) {
 			r.giveBack(g)
 		}
 	}
