@@ -32,6 +32,9 @@ type runConfig struct {
 	newPool func(ctx context.Context, cfg *pgxpool.Config, i int) (workerPool, error)
 	// budgeted: the run is configured with the fleet's budget.
 	budgeted bool
+	// settle is how long a restart run lets the warmed-up fleet run
+	// before the restart.
+	settle time.Duration
 }
 
 // runResult is what one fleet start did.

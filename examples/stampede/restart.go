@@ -87,6 +87,9 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 			}
 		}
 		rc.url, rc.fleet, rc.conns = o.url, o.fleet, o.conns
+		// A restart in the fleet's steady state, not within a window of
+		// its start: by then every bucket has refilled.
+		rc.settle = time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second))
 		fmt.Fprintf(out, "%s: %d workers × %d connection(s) warm up, then the server restarts...\n", rc.name, o.fleet, o.conns)
 		res, err := runRestart(ctx, rc, c, &bystander{url: o.url, interval: o.bystander, timeout: 60 * time.Second}, progress)
 		if err != nil {
@@ -272,11 +275,15 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 			p.Close()
 		}
 	}()
-	// Warm-up, not measured: wait until every worker has succeeded.
+	// Warm-up, not measured: wait until every worker has succeeded, then
+	// for the fleet to settle.
 	for !allSince(lastOK, time.Time{}) {
 		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
 			return restartResult{}, err
 		}
+	}
+	if err := sleepCtx(ctx, cfg.settle); err != nil {
+		return restartResult{}, err
 	}
 
 	byCtx, stopBy := context.WithCancel(ctx)
