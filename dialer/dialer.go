@@ -40,8 +40,12 @@ func New(opts ...Option) (*Dialer, error) {
 
 // Install makes the Dialer gate every connection made with cfg: it wraps
 // cfg's DialFunc (or the default one) and LookupFunc, and composes the
-// Dialer's tracer with cfg.Tracer through pgx's multitracer. It fails if
-// cfg is nil or already has a Dialer installed.
+// Dialer's tracer with cfg.Tracer through pgx's multitracer. It reads and
+// removes the connection string's pgstagger_fleet_* parameters (see
+// [WithFleet]) from cfg.RuntimeParams. It fails if cfg is nil, already has
+// a Dialer installed, or carries fleet parameters that are invalid or
+// differ from those of the configuration the Dialer was first installed
+// on.
 //
 // With a multi-host connection string (host=a,b), a host whose dial failed,
 // or that accepted and sent nothing until connect_timeout, is skipped

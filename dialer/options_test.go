@@ -223,19 +223,28 @@ func TestFleetFromConnectionString(t *testing.T) {
 		}
 	}
 
-	// One Dialer plans one fleet.
+	// One Dialer plans one fleet: a later configuration may repeat its
+	// parameters or carry none, not others.
 	d, err := New()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	for i, s := range []string{base + "&pgstagger_fleet_size=10&pgstagger_fleet_budget=5", base + "&pgstagger_fleet_size=11&pgstagger_fleet_budget=5"} {
-		cfg, err := ParseConfig(s)
+	for i, c := range []struct {
+		connString string
+		ok         bool
+	}{
+		{base + "&pgstagger_fleet_size=10&pgstagger_fleet_budget=5", true},
+		{base + "&pgstagger_fleet_size=10&pgstagger_fleet_budget=5", true},
+		{base, true},
+		{base + "&pgstagger_fleet_size=11&pgstagger_fleet_budget=5", false},
+	} {
+		cfg, err := ParseConfig(c.connString)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := d.Install(cfg); (err != nil) != (i == 1) || (err != nil && !errors.Is(err, ErrInvalidOption)) {
-			t.Errorf("Install #%d: err = %v", i+1, err)
+		if err := d.Install(cfg); (err == nil) != c.ok || (err != nil && !errors.Is(err, ErrInvalidOption)) {
+			t.Errorf("Install #%d (%s): err = %v", i+1, c.connString, err)
 		}
 	}
 }

@@ -123,7 +123,7 @@ func (g *Gate) Install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
 	if g.bindErr != nil {
 		return g.bindErr
 	}
-	if !maps.Equal(params, g.params) {
+	if params != nil && !maps.Equal(params, g.params) {
 		return fmt.Errorf("%w: the fleet parameters of this connection string (%s, %s, %s) differ from those of the configuration the Dialer was first installed on: one Dialer plans one fleet",
 			ErrInvalidOption, ParamFleetSize, ParamFleetBudget, ParamFleetMember)
 	}
