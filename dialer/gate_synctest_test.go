@@ -863,17 +863,7 @@ func TestSynctestFleetMembersReconnectOnTheirGridWithinOneWindow(t *testing.T) {
 				after = append(after, at)
 			}
 		}
-		for _, from := range after {
-			n := 0
-			for _, at := range after {
-				if !at.Before(from) && at.Before(from.Add(time.Second)) {
-					n++
-				}
-			}
-			if n > budget {
-				t.Errorf("%d dials in the second from %v, want at most the budget %v", n, from.Sub(start), budget)
-			}
-		}
+		checkPerSecond(t, after, budget, start)
 		// While it was down, each member tried at its start, then at most
 		// once a cycle.
 		cycles := int((up + window - 1) / window)
@@ -917,17 +907,7 @@ func TestSynctestFleetTokenWaitsEndOnTheMembersGrid(t *testing.T) {
 		}
 		// The second connects: no second carries more than the budget.
 		second := f.times[size:]
-		for _, from := range second {
-			n := 0
-			for _, at := range second {
-				if !at.Before(from) && at.Before(from.Add(time.Second)) {
-					n++
-				}
-			}
-			if n > budget {
-				t.Errorf("%d dials in the second from %v, want at most the budget %v", n, from.Sub(start), budget)
-			}
-		}
+		checkPerSecond(t, second, budget, start)
 	})
 }
 
@@ -960,4 +940,21 @@ func TestSynctestFleetMemberTransientFailureKeepsItsPlace(t *testing.T) {
 			t.Errorf("refunds = %d, want both failed connects' tokens back", s.Refunds)
 		}
 	})
+}
+
+// checkPerSecond fails t if any second from one of dials on carries more
+// than most of them (times reported from start).
+func checkPerSecond(t *testing.T, dials []time.Time, most int, start time.Time) {
+	t.Helper()
+	for _, from := range dials {
+		n := 0
+		for _, at := range dials {
+			if !at.Before(from) && at.Before(from.Add(time.Second)) {
+				n++
+			}
+		}
+		if n > most {
+			t.Errorf("%d dials in the second from %v, want at most the budget %d", n, from.Sub(start), most)
+		}
+	}
 }
