@@ -958,3 +958,45 @@ func checkPerSecond(t *testing.T, dials []time.Time, most int, start time.Time) 
 		}
 	}
 }
+
+// A fleet member does not queue a CancelRequest for its bucket: it holds
+// one token a window, and a cancel waiting for it would put the member's
+// next connect a whole cycle later.
+func TestSynctestFleetMemberSendsNoCancelItMustWaitFor(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		f.set(nil, acceptAfter(0))
+		// Fleet of 10 at 1/s: one token per 10s; member 3's place is 3.5s
+		// into each cycle, its startup delay 2.74s.
+		d, cfg := fakeInstalled(t, f, WithFleet(10, 1), WithFleetMember(3), WithBackOff(noRetry), WithResponseTarget(0))
+		start := time.Now()
+		conn, err := pgx.ConnectConfig(context.Background(), cfg) // takes the token at 2.74s
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close(context.Background())
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		c, err := cfg.DialFunc(ctx, "tcp", "127.0.0.1:5432")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(append(cancelRequest(42), 0, 0, 0, 7)); err == nil {
+			t.Error("CancelRequest sent, want it not sent: the bucket is empty until 12.74s")
+		}
+		c.Close()
+		if s := d.Stats(); s.CancelsShed != 1 || s.CancelDials != 0 {
+			t.Errorf("cancels shed %d, dialed %d; want 1 and 0", s.CancelsShed, s.CancelDials)
+		}
+		// The member's next connect takes the token refilled at 12.74s,
+		// at its place in the cycle: 13.5s.
+		conn, err = pgx.ConnectConfig(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close(context.Background())
+		if got := f.times[len(f.times)-1].Sub(start); got != 13500*time.Millisecond {
+			t.Errorf("next connect dialed at %v, want 13.5s", got)
+		}
+	})
+}

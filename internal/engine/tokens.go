@@ -43,11 +43,14 @@ func (g *Gate) tokenGrid() time.Duration {
 
 // cancelToken takes a token for a CancelRequest, waiting for it until ctx
 // ends (see [cancelConn]); a wait that cannot end before ctx's deadline is
-// not begun. refund gives the token back.
+// not begun, nor is any wait of a fleet member: its bucket holds one
+// token a window, and a CancelRequest queued for it would put the member's
+// next connect a refill, and so a reconnect cycle, later. refund gives the
+// token back.
 func (g *Gate) cancelToken(ctx context.Context) (refund func(), err error) {
 	return g.token(ctx, ctx, 0,
 		func(need time.Duration, at time.Time) error {
-			if dl, ok := ctx.Deadline(); ok && dl.Before(at) {
+			if dl, ok := ctx.Deadline(); (ok && dl.Before(at)) || g.tokenGrid() > 0 {
 				g.stats.CancelsShed.Add(1)
 				return &shedError{wait: waitNames[WaitRate], need: need, left: time.Until(dl)}
 			}
