@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -185,6 +186,16 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 			return err
 		}
 		fmt.Fprintf(out, "\nchart of the bystander's connect latency: %s\n", o.chart)
+		var names []string
+		var dials [][]time.Duration
+		for _, r := range results {
+			names, dials = append(names, r.name), append(dials, r.dialTimes)
+		}
+		rateChart := strings.TrimSuffix(o.chart, ".svg") + "-rate.svg"
+		if err := writeRateChart(rateChart, title, "seconds since the restart began", capacity, names, dials); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "chart of the dials per second: %s\n", rateChart)
 	}
 	return nil
 }
