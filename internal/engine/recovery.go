@@ -78,5 +78,23 @@ func (g *Gate) failed(admitted, now time.Time) {
 // after the token, whose offset into a startup-window-long wall-clock cycle
 // is the process's phase.
 func (g *Gate) spreadFrom(t time.Time) time.Time {
-	return jitter.Phase(g.nextToken(t), g.plan.StartupWindow, g.plan.Phase)
+	return g.placeAfter(t, g.nextToken(t), g.plan.StartupWindow)
+}
+
+// placeAfter is the process's place in a cycle of period: the first instant
+// at or after token, when the bucket has a whole token, and not before t,
+// whose offset into the cycle is the process's phase. For a fleet member an
+// instant up to a fiftieth of the period before token counts: a token
+// taken at the member's place comes back a period later plus the few
+// milliseconds its establishment took to reach the bucket, and without the
+// slack that refill would miss the next place and wait a whole cycle more.
+func (g *Gate) placeAfter(t, token time.Time, period time.Duration) time.Time {
+	from := token
+	if g.tokenGrid() > 0 {
+		from = token.Add(-period / 50)
+	}
+	if from.Before(t) {
+		from = t
+	}
+	return jitter.Phase(from, period, g.plan.Phase)
 }

@@ -60,3 +60,32 @@ func TestRecoveredClearsTheOutage(t *testing.T) {
 		t.Errorf("a new outage backs off %v, want the first interval, 1s", got)
 	}
 }
+
+// A fleet member's token taken a few milliseconds after its place comes
+// back a cycle later just as late: that refill still counts as the next
+// place, not the one after it. Outside a fleet there is no slack.
+func TestPlaceAfterAllowsAFleetMemberAFiftiethOfAPeriod(t *testing.T) {
+	period := 10 * time.Second
+	member := &Gate{plan: Plan{Phase: 0.35, FleetSize: 10, Rate: 1}, cfg: &Config{}}
+	lone := &Gate{plan: Plan{Phase: 0.35, Rate: 1}, cfg: &Config{}}
+	epoch := time.Unix(1_800_000_000, 0) // a whole multiple of 10s
+	place := epoch.Add(3500 * time.Millisecond)
+	cases := []struct {
+		name     string
+		g        *Gate
+		t, token time.Time
+		want     time.Time
+	}{
+		{"token just after the place", member, place.Add(-time.Second), place.Add(5 * time.Millisecond), place},
+		{"token a fiftieth of a period after", member, place.Add(-time.Second), place.Add(period / 50), place},
+		{"token later: the next place", member, place.Add(-time.Second), place.Add(period / 10), place.Add(period)},
+		{"not before t", member, place.Add(time.Millisecond), place, place.Add(period)},
+		{"token before the place", member, epoch, epoch.Add(time.Second), place},
+		{"no slack outside a fleet", lone, place.Add(-time.Second), place.Add(5 * time.Millisecond), place.Add(period)},
+	}
+	for _, c := range cases {
+		if got := c.g.placeAfter(c.t, c.token, period); !got.Equal(c.want) {
+			t.Errorf("%s: placeAfter = %v, want %v", c.name, got.Sub(epoch), c.want.Sub(epoch))
+		}
+	}
+}

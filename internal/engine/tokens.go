@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
-
-	"github.com/pgstagger/pgstagger/jitter"
 )
 
 // Every TCP connection the server may fork a backend for takes one token
@@ -65,8 +63,10 @@ func (g *Gate) cancelToken(ctx context.Context) (refund func(), err error) {
 // token takes one token from the bucket, waiting for it until ctx ends
 // (the wait's span and metric go under spanCtx) unless tooLate refuses a
 // wait of need ending at at; ended turns the error of a wait that ended
-// early into the one returned. A wait ends at the process's phase of a
-// cycle of grid, if grid is not 0. refund gives the token back.
+// early into the one returned. With grid not 0, a wait ends at the
+// process's place in a cycle of grid (see placeAfter), which may come up to
+// a fiftieth of grid before the token: the bucket has counted the token as
+// taken when it comes, so the rate holds. refund gives the token back.
 func (g *Gate) token(ctx, spanCtx context.Context, grid time.Duration, tooLate func(need time.Duration, at time.Time) error,
 	ended func(need time.Duration, err error) error) (refund func(), err error) {
 	now := time.Now()
@@ -83,7 +83,10 @@ func (g *Gate) token(ctx, spanCtx context.Context, grid time.Duration, tooLate f
 		return refund, nil
 	}
 	if grid > 0 {
-		wait = jitter.Phase(act, grid, g.plan.Phase).Sub(now)
+		wait = max(g.placeAfter(now, act, grid).Sub(now), 0)
+		if wait == 0 {
+			return refund, nil
+		}
 	}
 	if err := tooLate(wait, now.Add(wait)); err != nil {
 		r.CancelAt(now)
