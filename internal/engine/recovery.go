@@ -15,9 +15,9 @@ import (
 // once the shared backoff has passed and the bucket holds a token. A
 // failing server is often failing for the whole fleet (a restart): the
 // phases spread the fleet's reconnects over one cycle, in the same order
-// every cycle, so the fleet is back within a cycle of the server, with no
-// process drawing again into a tail; and waiting for the token first keeps
-// buckets emptied together from releasing the fleet together.
+// every cycle, so most of the fleet is back within a cycle of the server,
+// with no process drawing again into a tail; and waiting for the token
+// first keeps buckets emptied together from releasing the fleet together.
 
 // waitRecovery waits out the recovery state, if any.
 func (g *Gate) waitRecovery(e *establishment) error {

@@ -48,9 +48,14 @@ func (g *Gate) tokenGrid() time.Duration {
 func (g *Gate) cancelToken(ctx context.Context) (refund func(), err error) {
 	return g.token(ctx, ctx, 0,
 		func(need time.Duration, at time.Time) error {
-			if dl, ok := ctx.Deadline(); (ok && dl.Before(at)) || g.tokenGrid() > 0 {
+			dl, ok := ctx.Deadline()
+			if (ok && dl.Before(at)) || g.tokenGrid() > 0 {
 				g.stats.CancelsShed.Add(1)
-				return &shedError{wait: waitNames[WaitRate], need: need, left: time.Until(dl)}
+				var left time.Duration // unknown without a deadline
+				if ok {
+					left = time.Until(dl)
+				}
+				return &shedError{wait: waitNames[WaitRate], need: need, left: left}
 			}
 			return nil
 		},
