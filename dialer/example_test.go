@@ -13,7 +13,7 @@ import (
 )
 
 // A fleet of 1,500 workers that each open one connection, against a server
-// that should take at most 200 new connections a second from all of them.
+// that should take about 200 new connections a second from all of them.
 func ExampleWithFleet() {
 	d, err := dialer.New(dialer.WithFleet(1500, 200))
 	if err != nil {

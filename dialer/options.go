@@ -196,13 +196,13 @@ func WithResponseTarget(ratio float64) Option {
 // from 100ms doubling to 5s, giving up after 30s, with full jitter.
 //
 // After a transient failure, every later establishment of the process, in
-// a retry loop or not, waits the longer of the shared policy's next
-// interval and the process's next place in a reconnect cycle: the first
-// instant, once the bucket holds a token, whose offset into a wall-clock
-// cycle as long as the startup window is the process's [Plan].Phase. A
-// fleet that loses its server together comes back spread over one window
-// once the server is up, in the same order each cycle, with no process
-// drawing again into the tail. A dial refused at the TCP level, or reset
+// a retry loop or not, waits for the shared policy's next interval, then
+// for the process's next place in a reconnect cycle: the first instant,
+// once the bucket holds a token, whose offset into a wall-clock cycle as
+// long as the startup window is the process's [Plan].Phase. A fleet that
+// loses its server together comes back at its pace, most of it within one
+// window of the server, in the same order each cycle, with no process
+// drawing again into a tail. A dial refused at the TCP level, or reset
 // or closed before the server sent a byte, gives its token back: the
 // server forked nothing for it. In a fleet ([WithFleet]) every transient
 // failure gives its tokens back, since the cycle already paces the
@@ -219,8 +219,9 @@ func WithBackOff(newPolicy func() backoff.BackOff) Option {
 }
 
 // WithFleet budgets a whole fleet: size processes that start together, each
-// with this configuration, and a server that should absorb at most
-// serverBudget new TCP connections per second from all of them together.
+// with this configuration, and a server that should absorb serverBudget new
+// TCP connections per second from all of them together: on average over
+// the startup window, and at most afterwards.
 // The Dialer derives
 //
 //	window = size × warm × dials ÷ serverBudget

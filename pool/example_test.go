@@ -26,7 +26,7 @@ func ExampleNew() {
 }
 
 // Budget a fleet: 300 workers start together, each keeping 2 connections
-// warm, and the server should take at most 150 new connections a second.
+// warm, and the server should take about 150 new connections a second.
 func ExampleWithFleet() {
 	ctx := context.Background()
 	p, err := pool.New(ctx, "postgres://app@db.internal/app?sslmode=disable&pool_min_conns=2",
