@@ -137,15 +137,25 @@ func (d *Dialer) Retry(ctx context.Context, op func(ctx context.Context) error) 
 // with ErrClosed. Close is idempotent.
 func (d *Dialer) Close() { d.g.Close() }
 
+// RecoveryWindow is the period of the reconnect cycle after a transient
+// failure or a session the server ended: the startup window, or for a
+// pool that is not a configured fleet ([WithFleet]) and has read the
+// server's facts (pool.WithServerFacts), the window over which the
+// connections the server held come back at half the fastest rate it was
+// seen to accept them, or at a quarter of the rate of a postmaster taking
+// the pacer's baseline per connect if that is faster, if longer; at most
+// [MaxRecoveryWindow].
+func (d *Dialer) RecoveryWindow() time.Duration { return d.g.RecoveryWindow() }
+
 // Plan is what a Dialer resolved from its options for the connection
 // configuration it was first installed on.
 type Plan struct {
-	StartupWindow time.Duration // window of the startup delay, and the period of the reconnect cycle
+	StartupWindow time.Duration // window of the startup delay, and the least period of the reconnect cycle
 	StartupDelay  time.Duration // this process's startup delay: its place in the window
 	// Phase is this process's place in its fleet's order, in [0, 1): the
 	// middle of its slot, (member + ½) ÷ size, for a fleet member, else a
 	// draw. After a failure the process reconnects at this offset into a
-	// StartupWindow-long wall-clock cycle.
+	// wall-clock cycle as long as [Dialer.RecoveryWindow].
 	Phase          float64
 	Rate           rate.Limit // new TCP connections per second (of the shared limiter with WithLimiter)
 	Burst          int

@@ -44,6 +44,11 @@ const (
 	DefaultResponseTarget = 2.0
 )
 
+// MaxRecoveryWindow bounds the recovery window a pool sizes from the
+// server's facts (pool.WithServerFacts), however many connections the
+// server held.
+const MaxRecoveryWindow = engine.MaxRecoveryWindow
+
 // Option configures a [Dialer].
 type Option interface {
 	apply(*config)
@@ -199,10 +204,16 @@ func WithResponseTarget(ratio float64) Option {
 // a retry loop or not, waits for the shared policy's next interval, then
 // for the process's next place in a reconnect cycle: the first instant,
 // once the bucket holds a token, whose offset into a wall-clock cycle as
-// long as the startup window is the process's [Plan].Phase. A fleet that
-// loses its server together comes back at its pace, most of it within one
-// window of the server, in the same order each cycle, with no process
-// drawing again into a tail. A dial refused at the TCP level, or reset
+// long as the recovery window ([Dialer.RecoveryWindow]) is the process's
+// [Plan].Phase. A fleet that loses its server together comes back at its
+// pace, most of it within one window of the server, in the same order each
+// cycle, with no process drawing again into a tail. The recovery window is
+// the startup window, or for a pool that is not a configured fleet the
+// window the server's facts call for, if longer (see
+// pool.WithServerFacts). A session the server ends as it shuts down or
+// crashes (SQLSTATE 57P01 or 57P02, which pg_terminate_backend sends too)
+// counts as a transient failure: the process's next establishment waits
+// for its place instead of dialing a server that is going away. A dial refused at the TCP level, or reset
 // or closed before the server sent a byte, gives its token back: the
 // server forked nothing for it. In a fleet ([WithFleet]) every transient
 // failure gives its tokens back, since the cycle already paces the

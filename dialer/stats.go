@@ -21,6 +21,15 @@ type Stats struct {
 	CancelsSkipped int64 // plain-text CancelRequests for process ID 0 (pgx sends one when a connect fails), answered without a connection
 	CancelsShed    int64 // CancelRequests not sent: no token before their deadline (a fleet member's: none at hand), or their wait ended (Close)
 	HostsSkipped   int64 // dials not made to a backed-off host of a multi-host connection string while another host was up
+	Lost           int64 // sessions the server ended as it shut down or crashed (57P01, 57P02): the first of an outage sets the recovery state
+
+	// What the pool last read from pg_stat_activity (zero before the
+	// first read; see pool.WithServerFacts), and the reconnect window it
+	// calls for.
+	ServerConns        int           // connections to a database the server held
+	ServerPeakConnects int           // the most backends seen to start within one second (the largest read)
+	ServerFactsAt      time.Time     // when they were read
+	RecoveryWindow     time.Duration // see [Dialer.RecoveryWindow]
 
 	ConnectLimit float64       // connects the pacer lets await the postmaster's answer at once now (0: pacer off)
 	Baseline     time.Duration // the pacer's baseline: the smallest postmaster response time seen (0: none yet)
@@ -44,31 +53,37 @@ type WaitStats struct {
 func (d *Dialer) Stats() Stats {
 	c := d.g.Counters()
 	limit, baseline, decreases := d.g.PacerState()
+	f := d.g.Facts()
 	wait := func(k engine.WaitKind) WaitStats {
 		w := &c.Waits[k]
 		return WaitStats{Count: w.Count.Load(), Total: time.Duration(w.Total.Load()), Waiting: w.Waiting.Load()}
 	}
 	return Stats{
-		Establishments: c.Establishments.Load(),
-		OK:             c.OK.Load(),
-		Transient:      c.Transient.Load(),
-		Permanent:      c.Permanent.Load(),
-		Closed:         c.Closed.Load(),
-		Shed:           c.Shed.Load(),
-		Retries:        c.Retries.Load(),
-		Dials:          c.Dials.Load(),
-		Refunds:        c.Refunds.Load(),
-		CancelDials:    c.CancelDials.Load(),
-		CancelsSkipped: c.CancelsSkipped.Load(),
-		CancelsShed:    c.CancelsShed.Load(),
-		HostsSkipped:   c.HostsSkipped.Load(),
-		ConnectLimit:   limit,
-		Baseline:       baseline,
-		Decreases:      decreases,
-		JitterWait:     wait(engine.WaitJitter),
-		RateWait:       wait(engine.WaitRate),
-		SlotWait:       wait(engine.WaitSlot),
-		PacerWait:      wait(engine.WaitPacer),
-		BackoffWait:    wait(engine.WaitBackoff),
+		Establishments:     c.Establishments.Load(),
+		OK:                 c.OK.Load(),
+		Transient:          c.Transient.Load(),
+		Permanent:          c.Permanent.Load(),
+		Closed:             c.Closed.Load(),
+		Shed:               c.Shed.Load(),
+		Retries:            c.Retries.Load(),
+		Dials:              c.Dials.Load(),
+		Refunds:            c.Refunds.Load(),
+		CancelDials:        c.CancelDials.Load(),
+		CancelsSkipped:     c.CancelsSkipped.Load(),
+		CancelsShed:        c.CancelsShed.Load(),
+		HostsSkipped:       c.HostsSkipped.Load(),
+		Lost:               c.Lost.Load(),
+		ServerConns:        f.Held,
+		ServerPeakConnects: f.PeakStarts,
+		ServerFactsAt:      f.At,
+		RecoveryWindow:     d.g.RecoveryWindow(),
+		ConnectLimit:       limit,
+		Baseline:           baseline,
+		Decreases:          decreases,
+		JitterWait:         wait(engine.WaitJitter),
+		RateWait:           wait(engine.WaitRate),
+		SlotWait:           wait(engine.WaitSlot),
+		PacerWait:          wait(engine.WaitPacer),
+		BackoffWait:        wait(engine.WaitBackoff),
 	}
 }

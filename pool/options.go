@@ -33,12 +33,13 @@ type config struct {
 	meterProvider  metric.MeterProvider
 	lifetimeJitter time.Duration
 	lifetimeSet    bool
+	factsEvery     time.Duration
 	rand           jitter.Rand
 	errs           []error
 }
 
 func newConfig(opts ...Option) (*config, error) {
-	c := &config{rand: jitter.Float64}
+	c := &config{rand: jitter.Float64, factsEvery: DefaultServerFactsEvery}
 	for _, o := range opts {
 		if o != nil {
 			o.apply(c)
@@ -177,6 +178,33 @@ func WithLifetimeJitter(d time.Duration) Option {
 			return
 		}
 		c.lifetimeJitter, c.lifetimeSet = d, true
+	})
+}
+
+// WithServerFacts sets how often, at most, the pool reads how many
+// connections the server holds from pg_stat_activity, and how fast it has
+// accepted them (the most backends that started within one second, among
+// those the role can see: its own, or all with pg_read_all_stats). A fleet
+// that lost its connections to a restart or a crash then reconnects over a
+// window long enough to bring them all back at half that rate (at most
+// [dialer.MaxRecoveryWindow]), each process at its own place in it, instead
+// of all within the startup window; [WithFleet] sizes that window itself,
+// and its own wins. See [dialer.Dialer.RecoveryWindow].
+//
+// The read is one query, run when it is due by the next Acquire that takes
+// a connection from the pool, on that connection, before the caller gets
+// it: it never opens a connection, costs that caller one round trip, and
+// goes through pgconn, so query tracers do not see it. It stops for good if
+// the server cannot run it (an SQL proxy without pg_stat_activity). The
+// first is due at once, the next after 1s, then 2s, 4s … up to every, each
+// ±15%. Zero turns it off. Default [DefaultServerFactsEvery] (30s).
+func WithServerFacts(every time.Duration) Option {
+	return optionFunc(func(c *config) {
+		if every < 0 {
+			c.errs = append(c.errs, invalid("WithServerFacts(%v): the interval must not be negative", every))
+			return
+		}
+		c.factsEvery = every
 	})
 }
 

@@ -31,6 +31,7 @@ type Pool struct {
 	g       *engine.Gate    // d's engine
 	config  *pgxpool.Config // the caller's configuration, as given
 	life    *lifetimes      // nil without lifetime jitter
+	facts   *serverFacts    // nil with WithServerFacts(0)
 	metrics *poolMetrics
 }
 
@@ -87,6 +88,7 @@ func NewWithConfig(ctx context.Context, cfg *pgxpool.Config, opts ...Option) (*P
 		return nil, err
 	}
 	p.g = engine.Installed(inner.ConnConfig.Tracer)
+	p.facts = newServerFacts(inner, p.g, pc.factsEvery, pc.rand)
 	metrics, hooks, err := newPoolMetrics(pc.meterProvider, p.g.PoolName())
 	if err != nil {
 		return nil, err
@@ -125,6 +127,7 @@ func (p *Pool) Close() {
 	p.d.Close()
 	p.p.Close()
 	p.life.close()
+	p.facts.close()
 	p.metrics.close()
 }
 

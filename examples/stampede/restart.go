@@ -37,6 +37,8 @@ type gateCounts struct {
 	refunds, cancelsSkipped, cancelDials, cancelsShed int64
 	decreases                                         int64           // the pacers' decreases
 	baselines                                         []time.Duration // each pacer's baseline
+	lost                                              int64           // sessions the server ended, seen
+	windows                                           []time.Duration // each gate's recovery window
 }
 
 // countGates sums the Stats of pools that are pgstagger's, or returns nil.
@@ -56,6 +58,8 @@ func countGates(pools []workerPool) *gateCounts {
 		g.cancelDials += s.CancelDials
 		g.cancelsShed += s.CancelsShed
 		g.decreases += s.Decreases
+		g.lost += s.Lost
+		g.windows = append(g.windows, s.RecoveryWindow)
 		if s.Baseline > 0 {
 			g.baselines = append(g.baselines, s.Baseline)
 		}
@@ -160,6 +164,19 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		return fmt.Sprintf("%d / %d / %d", r.gate.cancelDials, r.gate.cancelsSkipped, r.gate.cancelsShed)
 	})
 	row("pacer decreases; baseline p50 / max", func(r restartResult) string { return pacerCell(r.gate) })
+	row("sessions ended by the server, seen", func(r restartResult) string {
+		if r.gate == nil {
+			return "-"
+		}
+		return fmt.Sprint(r.gate.lost)
+	})
+	row("reconnect window at the restart p50 / max", func(r restartResult) string {
+		if r.gate == nil || len(r.gate.windows) == 0 {
+			return "-"
+		}
+		l := slices.Sorted(slices.Values(r.gate.windows))
+		return fmt.Sprintf("%s / %s", sec(percentile(l, 50)), sec(percentile(l, 100)))
+	})
 	fmt.Fprintln(out, "\ndials per second since the restart began (second:count):")
 	for _, r := range results {
 		h := map[int]int{}
@@ -359,6 +376,8 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 			cancelsShed:    after.cancelsShed - before.cancelsShed,
 			decreases:      after.decreases - before.decreases,
 			baselines:      after.baselines,
+			lost:           after.lost - before.lost,
+			windows:        before.windows,
 		}
 	}
 	for i := range firstOK {

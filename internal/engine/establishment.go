@@ -30,6 +30,9 @@ func (h *connectHook) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectS
 
 func (h *connectHook) TraceConnectEnd(ctx context.Context, data pgx.TraceConnectEndData) {
 	if e := establishmentOf(ctx); e != nil {
+		if data.Err == nil && data.Conn != nil {
+			data.Conn.PgConn().CustomData()[establishedKey] = e.admitted
+		}
 		h.g.end(e, data.Err)
 	}
 }

@@ -70,6 +70,13 @@ type Gate struct {
 	mu     sync.Mutex      // serializes writers of recovery
 	policy backoff.BackOff // guarded by mu: the shared backoff of recovery
 
+	// lastFailure is when the latest outage began (unix nanoseconds; 0:
+	// none yet), kept after it ends. Written with mu held.
+	lastFailure atomic.Int64
+
+	// facts is what the pool last read from pg_stat_activity (nil: none).
+	facts atomic.Pointer[ServerFacts]
+
 	hosts *hostHealth // backed-off hosts of multi-host connection strings
 
 	stats Counters
@@ -103,7 +110,7 @@ func New(cfg *Config) (*Gate, error) {
 }
 
 // Install makes g gate every connection made with cfg: it wraps cfg's
-// DialFunc (or the default one) and LookupFunc, and composes g's
+// DialFunc (or the default one), LookupFunc and OnPgError, and composes g's
 // connectHook with cfg.Tracer through pgx's multitracer. The first
 // configuration g is installed on resolves its [Plan]: warm is how many
 // connections the process opens at start, forPool whether cfg is a pool's.
@@ -139,6 +146,7 @@ func (g *Gate) Install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
 	}
 	cfg.LookupFunc = g.lookupFunc(lookup)
 	cfg.AfterNetConnect = afterNetConnect(cfg.AfterNetConnect)
+	cfg.OnPgError = g.onPgError(cfg.OnPgError)
 	hook := &connectHook{g: g}
 	if cfg.Tracer == nil {
 		cfg.Tracer = hook

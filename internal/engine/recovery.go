@@ -11,7 +11,7 @@ import (
 // The recovery state, [Gate.recovery], is set by a transient failure and
 // cleared by the next success. While it is set, every new establishment of
 // the process waits for its recoverUntil: the process's next place in a
-// wall-clock cycle as long as the startup window (its phase, [Plan].Phase)
+// wall-clock cycle as long as the recovery window (its phase, [Plan].Phase)
 // once the shared backoff has passed and the bucket holds a token. A
 // failing server is often failing for the whole fleet (a restart): the
 // phases spread the fleet's reconnects over one cycle, in the same order
@@ -56,14 +56,15 @@ func (g *Gate) recovered() {
 }
 
 // failed sets the recovery state after a transient failure, at now, of an
-// establishment admitted at admitted. Failures of establishments that
-// touched the server before the last failure was recorded belong to the
-// same outage: they do not lengthen the backoff.
-func (g *Gate) failed(admitted, now time.Time) {
+// establishment admitted at admitted, and reports whether it did.
+// Failures of establishments that touched the server before the last
+// failure was recorded belong to the same outage: they do not lengthen the
+// backoff.
+func (g *Gate) failed(admitted, now time.Time) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if o := g.recovery.Load(); o != nil && !admitted.After(o.failedAt) {
-		return
+		return false
 	}
 	wait := g.policy.NextBackOff()
 	if wait == backoff.Stop {
@@ -71,14 +72,16 @@ func (g *Gate) failed(admitted, now time.Time) {
 		wait = max(g.policy.NextBackOff(), 0)
 	}
 	g.recovery.Store(&outage{recoverUntil: g.spreadFrom(now.Add(wait)), failedAt: now})
+	g.lastFailure.Store(now.UnixNano())
+	return true
 }
 
 // spreadFrom is the process's next place in the fleet's reconnect cycle
 // once the bucket has a whole token at or after t: the first instant, at or
-// after the token, whose offset into a startup-window-long wall-clock cycle
-// is the process's phase.
+// after the token, whose offset into a wall-clock cycle as long as the
+// recovery window ([Gate.RecoveryWindow]) is the process's phase.
 func (g *Gate) spreadFrom(t time.Time) time.Time {
-	return g.placeAfter(t, g.nextToken(t), g.plan.StartupWindow)
+	return g.placeAfter(t, g.nextToken(t), g.RecoveryWindow())
 }
 
 // placeAfter is the process's place in a cycle of period: the first instant

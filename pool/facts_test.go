@@ -1,0 +1,193 @@
+package pool
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstagger/pgstagger/internal/engine"
+	"github.com/pgstagger/pgstagger/internal/testdb"
+)
+
+// holdOthers opens n connections to c from a plain pgxpool and keeps them
+// for the test.
+func holdOthers(t *testing.T, c *testdb.Cluster, n int) {
+	t.Helper()
+	other, err := pgxpool.New(context.Background(), c.ConnString("", fmt.Sprintf("pool_max_conns=%d", n)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(other.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	conns := make([]*pgxpool.Conn, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Go(func() { conns[i], errs[i] = other.Acquire(ctx) })
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatal(errs[i])
+		}
+		conns[i].Release()
+	}
+}
+
+// An acquired connection reads how many connections the server holds and
+// how fast it accepted them, without opening a connection and unseen by the
+// caller's tracer; the next read waits its interval; the gate sizes its
+// recovery window from what it read.
+func TestServerFactsAreReadOnAnAcquiredConnection(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	holdOthers(t, c, 5)
+	cfg, err := pgxpool.ParseConfig(c.ConnString("", "pool_max_conns=1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	queries := &countingTracer{}
+	cfg.ConnConfig.Tracer = queries
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx := context.Background()
+	if _, err := p.Exec(ctx, "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	st := p.Dialer().Stats()
+	// 5 others and ours; an autovacuum worker may be connected too.
+	if st.ServerConns < 6 || st.ServerConns > 8 {
+		t.Errorf("the server held %d connections, want 6 (5 others and ours)", st.ServerConns)
+	}
+	// The 5 others started together, within two calendar seconds at most.
+	if st.ServerPeakConnects < 3 {
+		t.Errorf("peak connects in one second %d, want at least 3", st.ServerPeakConnects)
+	}
+	if st.Dials != 1 {
+		t.Errorf("the pool dialed %d times, want 1: reading the facts must not open a connection", st.Dials)
+	}
+	if n := queries.queries.Load(); n != 1 {
+		t.Errorf("the caller's tracer saw %d queries, want 1 (its own)", n)
+	}
+	if want := engine.FactsWindow(p.g.Facts(), st.Baseline); st.RecoveryWindow != want || want <= 0 {
+		t.Errorf("recovery window %v, want the facts' %v", st.RecoveryWindow, want)
+	}
+	// Acquires within the first interval (at least 850ms) read nothing.
+	for range 3 {
+		if _, err := p.Exec(ctx, "select 1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if at := p.Dialer().Stats().ServerFactsAt; !at.Equal(st.ServerFactsAt) {
+		t.Errorf("facts read again %v after the first read", at.Sub(st.ServerFactsAt))
+	}
+}
+
+// countingTracer counts the queries a connection runs.
+type countingTracer struct{ queries atomic.Int32 }
+
+func (c *countingTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	c.queries.Add(1)
+	return ctx
+}
+
+func (c *countingTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+// WithServerFacts(0) reads nothing.
+func TestServerFactsOff(t *testing.T) {
+	p := newPool(t, db(t).ConnString("", "pool_max_conns=1"), WithStartupJitter(0), WithServerFacts(0))
+	if _, err := p.Exec(context.Background(), "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	if st := p.Dialer().Stats(); st.ServerConns != 0 || !st.ServerFactsAt.IsZero() {
+		t.Errorf("facts read with WithServerFacts(0): %+v", st)
+	}
+	if _, err := New(context.Background(), db(t).ConnString(""), WithServerFacts(-time.Second)); err == nil {
+		t.Error("WithServerFacts(-1s) accepted")
+	}
+}
+
+// After a restart the process learns of it from the session the server
+// ended (57P01), not from a refused dial, and its reconnect waits for its
+// place in the window the server's facts call for: a wall-clock cycle as
+// long as that window, at the process's phase.
+func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	holdOthers(t, c, 20)
+	cfg, err := pgxpool.ParseConfig(c.ConnString("", "pool_max_conns=1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu    sync.Mutex
+		dials []time.Time
+		nd    net.Dialer
+	)
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dials = append(dials, time.Now())
+		mu.Unlock()
+		return nd.DialContext(ctx, network, addr)
+	}
+	// The pacer off: its baseline would call for a window too short to see.
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0), WithResponseTarget(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := p.Exec(ctx, "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	w := p.Dialer().RecoveryWindow()
+	if w < time.Second {
+		t.Fatalf("recovery window %v from %+v: too short to tell a place from a dial at once", w, p.g.Facts())
+	}
+	if err := c.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	before := len(dials)
+	mu.Unlock()
+	// The first use of the idle session reads the server's 57P01; the
+	// caller retries on a new connection.
+	for {
+		_, err := p.Exec(ctx, "select 1")
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal(err)
+		}
+	}
+	st := p.Dialer().Stats()
+	if st.Lost != 1 || st.Transient != 0 {
+		t.Errorf("lost %d sessions, %d transient failures; want 1 and 0 (the server was up)", st.Lost, st.Transient)
+	}
+	mu.Lock()
+	after := dials[before:]
+	mu.Unlock()
+	if len(after) != 1 {
+		t.Fatalf("%d dials after the restart, want 1", len(after))
+	}
+	phase := p.Dialer().Plan().Phase
+	late := (time.Duration(after[0].UnixNano())%w - time.Duration(phase*float64(w)) + w) % w
+	t.Logf("window %v from %+v; the reconnect came %v after the place", w, p.g.Facts(), late)
+	if late > 200*time.Millisecond {
+		t.Errorf("the reconnect came %v after the process's place (phase %.3f of %v), want within 200ms", late, phase, w)
+	}
+	if p.Dialer().Stats().BackoffWait.Count == 0 {
+		t.Error("the reconnect did not wait")
+	}
+}
