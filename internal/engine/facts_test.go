@@ -18,8 +18,8 @@ func TestFactsWindowBringsTheHeldConnectionsBackAtHalfTheServedRate(t *testing.T
 	}{
 		{"half the peak", ServerFacts{Held: 300, PeakStarts: 40}, 0, 15 * time.Second},
 		{"the baseline's quarter is faster", ServerFacts{Held: 300, PeakStarts: 40}, 5 * ms, 6 * time.Second}, // 50/s
-		{"half the peak is faster", ServerFacts{Held: 300, PeakStarts: 40}, 50 * ms, 15 * time.Second},         // 5/s
-		{"no peak seen: the baseline", ServerFacts{Held: 100}, 10 * ms, 4 * time.Second},                       // 25/s
+		{"half the peak is faster", ServerFacts{Held: 300, PeakStarts: 40}, 50 * ms, 15 * time.Second},        // 5/s
+		{"no peak seen: the baseline", ServerFacts{Held: 100}, 10 * ms, 4 * time.Second},                      // 25/s
 		{"no rate known", ServerFacts{Held: 100}, 0, 0},
 		{"nothing held", ServerFacts{PeakStarts: 40}, 10 * ms, 0},
 		{"capped", ServerFacts{Held: 100_000, PeakStarts: 2}, 0, MaxRecoveryWindow},
