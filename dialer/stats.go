@@ -23,13 +23,13 @@ type Stats struct {
 	HostsSkipped   int64 // dials not made to a backed-off host of a multi-host connection string while another host was up
 	Lost           int64 // sessions the server ended as it shut down or crashed (57P01, 57P02): the first of an outage sets the recovery state
 
-	// What the pool last read from pg_stat_activity (zero before the
-	// first read; see pool.WithServerFacts), and the reconnect window it
-	// calls for.
-	ServerConns        int           // connections to a database the server held
-	ServerPeakConnects int           // the most backends seen to start within one second (the largest read)
-	ServerFactsAt      time.Time     // when they were read
-	RecoveryWindow     time.Duration // see [Dialer.RecoveryWindow]
+	// What the pool last read of the server (zero before the first
+	// read; see pool.WithServerFacts), and the reconnect window it calls
+	// for.
+	ServerConns    int           // connections to a database the server held
+	ServerPeakRate float64       // the fastest growth of ServerConns between two reads, per second
+	ServerFactsAt  time.Time     // when ServerConns was read
+	RecoveryWindow time.Duration // see [Dialer.RecoveryWindow]
 
 	ConnectLimit float64       // connects the pacer lets await the postmaster's answer at once now (0: pacer off)
 	Baseline     time.Duration // the pacer's baseline: the smallest postmaster response time seen (0: none yet)
@@ -59,31 +59,31 @@ func (d *Dialer) Stats() Stats {
 		return WaitStats{Count: w.Count.Load(), Total: time.Duration(w.Total.Load()), Waiting: w.Waiting.Load()}
 	}
 	return Stats{
-		Establishments:     c.Establishments.Load(),
-		OK:                 c.OK.Load(),
-		Transient:          c.Transient.Load(),
-		Permanent:          c.Permanent.Load(),
-		Closed:             c.Closed.Load(),
-		Shed:               c.Shed.Load(),
-		Retries:            c.Retries.Load(),
-		Dials:              c.Dials.Load(),
-		Refunds:            c.Refunds.Load(),
-		CancelDials:        c.CancelDials.Load(),
-		CancelsSkipped:     c.CancelsSkipped.Load(),
-		CancelsShed:        c.CancelsShed.Load(),
-		HostsSkipped:       c.HostsSkipped.Load(),
-		Lost:               c.Lost.Load(),
-		ServerConns:        f.Held,
-		ServerPeakConnects: f.PeakStarts,
-		ServerFactsAt:      f.At,
-		RecoveryWindow:     d.g.RecoveryWindow(),
-		ConnectLimit:       limit,
-		Baseline:           baseline,
-		Decreases:          decreases,
-		JitterWait:         wait(engine.WaitJitter),
-		RateWait:           wait(engine.WaitRate),
-		SlotWait:           wait(engine.WaitSlot),
-		PacerWait:          wait(engine.WaitPacer),
-		BackoffWait:        wait(engine.WaitBackoff),
+		Establishments: c.Establishments.Load(),
+		OK:             c.OK.Load(),
+		Transient:      c.Transient.Load(),
+		Permanent:      c.Permanent.Load(),
+		Closed:         c.Closed.Load(),
+		Shed:           c.Shed.Load(),
+		Retries:        c.Retries.Load(),
+		Dials:          c.Dials.Load(),
+		Refunds:        c.Refunds.Load(),
+		CancelDials:    c.CancelDials.Load(),
+		CancelsSkipped: c.CancelsSkipped.Load(),
+		CancelsShed:    c.CancelsShed.Load(),
+		HostsSkipped:   c.HostsSkipped.Load(),
+		Lost:           c.Lost.Load(),
+		ServerConns:    f.Held,
+		ServerPeakRate: f.PeakRate,
+		ServerFactsAt:  f.At,
+		RecoveryWindow: d.g.RecoveryWindow(),
+		ConnectLimit:   limit,
+		Baseline:       baseline,
+		Decreases:      decreases,
+		JitterWait:     wait(engine.WaitJitter),
+		RateWait:       wait(engine.WaitRate),
+		SlotWait:       wait(engine.WaitSlot),
+		PacerWait:      wait(engine.WaitPacer),
+		BackoffWait:    wait(engine.WaitBackoff),
 	}
 }

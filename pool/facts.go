@@ -19,24 +19,45 @@ import (
 // facts ([WithServerFacts]) once it has run a while.
 const DefaultServerFactsEvery = 30 * time.Second
 
+// factsPerConn is how much longer the interval between reads grows, at
+// most, per connection the server holds. A read costs the server about a
+// tenth of a microsecond per backend; with the interval growing with what
+// it holds, a fleet of n processes costs it about n × 10µs per second in
+// all, however large, instead of a cost growing with n².
+const factsPerConn = 10 * time.Millisecond
+
+// historyPerConn is the same for the history read
+// ([engine.FactsHistoryQuery]), which costs the server about a microsecond
+// per backend: about n × 10µs per second in all too.
+const historyPerConn = 100 * time.Millisecond
+
 // factsTimeout bounds the facts query: it should take a round trip.
 const factsTimeout = time.Second
 
-// serverFacts reads pg_stat_activity on a connection the pool holds and
-// tells the gate ([engine.Gate.LearnFacts]), so that after a restart the
-// fleet's reconnects spread over a window sized from what the server held.
+// serverFacts counts the server's connections on a connection the pool
+// holds and tells the gate ([engine.Gate.LearnFacts]), so that after a
+// restart the fleet's reconnects spread over a window sized from what the
+// server held and how fast it took them on.
 // It never opens a connection: when a read is due, the next Acquire that
 // takes a connection from the pool runs it on that connection, in
 // ShouldPing, before the caller gets it. The first read is due at once,
 // the next 1s later, then 2s, 4s … up to every (a fleet that has just
-// started has not finished connecting), each interval ±15% so that a
-// fleet's reads do not line up. The hot path pays one atomic load.
+// started has not finished connecting; two reads a second apart see its
+// rate), each interval ±15% so that a fleet's reads do not line up. The
+// second read, and then one every historyPerConn per connection held (at
+// least every 4 × every), also reads when the backends started: by then
+// a fleet that started together has, and its fastest second shows. The hot
+// path pays one atomic load.
 type serverFacts struct {
 	g     *engine.Gate
 	every time.Duration
 	rand  jitter.Rand
 
 	due atomic.Bool // a read is due; the acquirer that clears it reads
+
+	// Touched only by the reader, one at a time (due serializes them).
+	reads       int       // reads done
+	nextHistory time.Time // the first read at or after it reads the history
 
 	mu       sync.Mutex
 	interval time.Duration // guarded by mu: the wait after the next read
@@ -76,46 +97,61 @@ var errFactsReply = errors.New("pgstagger: unexpected reply to the server facts 
 func (f *serverFacts) read(c *pgconn.PgConn) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), factsTimeout)
 	defer cancel()
-	held, peak, err := factsOf(c.Exec(ctx, engine.FactsQuery).ReadAll())
-	if err == nil {
-		f.g.LearnFacts(engine.ServerFacts{Held: held, PeakStarts: peak, At: time.Now()})
+	now := time.Now()
+	history := f.reads == 1 || (f.reads > 1 && !now.Before(f.nextHistory))
+	sql := engine.FactsQuery
+	if history {
+		sql = engine.FactsHistoryQuery
 	}
-	if c.IsClosed() || err == nil {
-		f.schedule()
+	vals, err := intsOf(c.Exec(ctx, sql).ReadAll())
+	if err == nil && len(vals) < 1+btoi(history) {
+		err = errFactsReply
+	}
+	if err == nil {
+		held, starts := vals[0], 0
+		if history {
+			starts = vals[1]
+			f.nextHistory = now.Add(max(4*f.every, time.Duration(held)*historyPerConn))
+		}
+		f.reads++
+		f.g.LearnFacts(held, starts, time.Now())
+		f.schedule(held)
+	} else if c.IsClosed() {
+		f.schedule(f.g.Facts().Held)
 	}
 	// Else the server answered and cannot run it (an SQL proxy without
-	// pg_stat_activity): no more reads.
+	// PostgreSQL's statistics functions): no more reads.
 	return !c.IsClosed()
 }
 
-// factsOf parses the facts query's reply.
-func factsOf(rs []*pgconn.Result, err error) (held, peak int, _ error) {
+// intsOf parses a one-row reply of integers.
+func intsOf(rs []*pgconn.Result, err error) ([]int, error) {
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
-	if len(rs) != 1 || len(rs[0].Rows) != 1 || len(rs[0].Rows[0]) != 2 {
-		return 0, 0, errFactsReply
+	if len(rs) != 1 || len(rs[0].Rows) != 1 {
+		return nil, errFactsReply
 	}
-	row := rs[0].Rows[0]
-	if held, err = strconv.Atoi(string(row[0])); err != nil {
-		return 0, 0, errFactsReply
+	vals := make([]int, len(rs[0].Rows[0]))
+	for i, v := range rs[0].Rows[0] {
+		if vals[i], err = strconv.Atoi(string(v)); err != nil {
+			return nil, errFactsReply
+		}
 	}
-	if peak, err = strconv.Atoi(string(row[1])); err != nil {
-		return 0, 0, errFactsReply
-	}
-	return held, peak, nil
+	return vals, nil
 }
 
 // schedule makes the next read due after the current interval, ±15%, and
-// doubles the interval up to every.
-func (f *serverFacts) schedule() {
+// doubles the interval up to every, or factsPerConn per connection the
+// server held if that is longer.
+func (f *serverFacts) schedule(held int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
 		return
 	}
 	wait := time.Duration(float64(f.interval) * (0.85 + 0.3*f.rand()))
-	f.interval = min(2*f.interval, f.every)
+	f.interval = min(2*f.interval, max(f.every, time.Duration(held)*factsPerConn))
 	f.timer = time.AfterFunc(wait, func() { f.due.Store(true) })
 }
 
@@ -130,4 +166,11 @@ func (f *serverFacts) close() {
 	if f.timer != nil {
 		f.timer.Stop()
 	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

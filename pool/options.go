@@ -181,23 +181,25 @@ func WithLifetimeJitter(d time.Duration) Option {
 	})
 }
 
-// WithServerFacts sets how often, at most, the pool reads how many
-// connections the server holds from pg_stat_activity, and how fast it has
-// accepted them (the most backends that started within one second, among
-// those the role can see: its own, or all with pg_read_all_stats). A fleet
-// that lost its connections to a restart or a crash then reconnects over a
-// window long enough to bring them all back at half that rate (at most
-// [dialer.MaxRecoveryWindow]), each process at its own place in it, instead
-// of all within the startup window; [WithFleet] sizes that window itself,
-// and its own wins. See [dialer.Dialer.RecoveryWindow].
+// WithServerFacts sets how often, at most, the pool counts the connections
+// the server holds (pg_stat_database's numbackends, readable by any role),
+// learning from successive counts how fast the server has taken them on. A
+// fleet that lost its connections to a restart or a crash then reconnects
+// over a window long enough to bring them all back at two thirds of the
+// fastest connect rate seen (at most [dialer.MaxRecoveryWindow]), each process at its own
+// place in it, instead of all within the startup window; [WithFleet] sizes
+// that window itself, and its own wins. See [dialer.Dialer.RecoveryWindow].
 //
-// The read is one query, run when it is due by the next Acquire that takes
+// The count is one query, run when it is due by the next Acquire that takes
 // a connection from the pool, on that connection, before the caller gets
 // it: it never opens a connection, costs that caller one round trip, and
 // goes through pgconn, so query tracers do not see it. It stops for good if
-// the server cannot run it (an SQL proxy without pg_stat_activity). The
-// first is due at once, the next after 1s, then 2s, 4s … up to every, each
-// ±15%. Zero turns it off. Default [DefaultServerFactsEvery] (30s).
+// the server cannot run it (an SQL proxy without PostgreSQL's statistics
+// functions). The first is due at once, the next after 1s, then 2s, 4s …
+// up to every, or 10ms per connection the server holds if that is longer
+// (a fleet's counts cost the server in all about 10µs per process and
+// second), each ±15%. Zero turns it off. Default
+// [DefaultServerFactsEvery] (30s).
 func WithServerFacts(every time.Duration) Option {
 	return optionFunc(func(c *config) {
 		if every < 0 {

@@ -8,7 +8,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-func TestFactsWindowBringsTheHeldConnectionsBackAtHalfTheServedRate(t *testing.T) {
+func TestFactsWindowBringsTheHeldConnectionsBackAtTwoThirdsOfTheServedRate(t *testing.T) {
 	ms := time.Millisecond
 	cases := []struct {
 		name     string
@@ -16,13 +16,13 @@ func TestFactsWindowBringsTheHeldConnectionsBackAtHalfTheServedRate(t *testing.T
 		baseline time.Duration
 		want     time.Duration
 	}{
-		{"half the peak", ServerFacts{Held: 300, PeakStarts: 40}, 0, 15 * time.Second},
-		{"the baseline's quarter is faster", ServerFacts{Held: 300, PeakStarts: 40}, 5 * ms, 6 * time.Second}, // 50/s
-		{"half the peak is faster", ServerFacts{Held: 300, PeakStarts: 40}, 50 * ms, 15 * time.Second},        // 5/s
-		{"no peak seen: the baseline", ServerFacts{Held: 100}, 10 * ms, 4 * time.Second},                      // 25/s
+		{"two thirds of the peak", ServerFacts{Held: 300, PeakRate: 60}, 0, 7500 * ms},
+		{"the baseline's quarter is faster", ServerFacts{Held: 300, PeakRate: 60}, 5 * ms, 6 * time.Second}, // 50/s
+		{"the peak's share is faster", ServerFacts{Held: 300, PeakRate: 60}, 50 * ms, 7500 * ms},            // 5/s
+		{"no peak seen: the baseline", ServerFacts{Held: 100}, 10 * ms, 4 * time.Second},                    // 25/s
 		{"no rate known", ServerFacts{Held: 100}, 0, 0},
-		{"nothing held", ServerFacts{PeakStarts: 40}, 10 * ms, 0},
-		{"capped", ServerFacts{Held: 100_000, PeakStarts: 2}, 0, MaxRecoveryWindow},
+		{"nothing held", ServerFacts{PeakRate: 40}, 10 * ms, 0},
+		{"capped", ServerFacts{Held: 100_000, PeakRate: 2}, 0, MaxRecoveryWindow},
 	}
 	for _, c := range cases {
 		if got := FactsWindow(c.f, c.baseline); got != c.want {
@@ -31,40 +31,66 @@ func TestFactsWindowBringsTheHeldConnectionsBackAtHalfTheServedRate(t *testing.T
 	}
 }
 
-// A fleet reconnected at half its peak must not halve its budget at the
-// next restart: the largest peak seen is kept, the newest count held.
-func TestLearnFactsKeepsTheLargestPeak(t *testing.T) {
+// The peak rate is the fastest growth between reads at least minFactsGap
+// apart, or the most backends started in one second, and it is kept: a fleet reconnected at half its peak must not
+// halve its budget at the next restart.
+func TestLearnFactsKeepsTheFastestGrowth(t *testing.T) {
 	g := &Gate{}
 	if (g.Facts() != ServerFacts{}) {
 		t.Fatalf("facts before any: %+v", g.Facts())
 	}
 	t0 := time.Unix(1_800_000_000, 0)
-	g.LearnFacts(ServerFacts{Held: 100, PeakStarts: 40, At: t0})
-	g.LearnFacts(ServerFacts{Held: 120, PeakStarts: 20, At: t0.Add(time.Minute)})
-	if got, want := g.Facts(), (ServerFacts{Held: 120, PeakStarts: 40, At: t0.Add(time.Minute)}); got != want {
-		t.Errorf("facts = %+v, want %+v", got, want)
+	steps := []struct {
+		at     time.Duration
+		held   int
+		starts int
+		peak   float64
+	}{
+		{0, 10, 0, 0},                              // one read: no rate
+		{time.Second, 50, 0, 40},                   // +40 in 1s
+		{1200 * time.Millisecond, 80, 0, 40},       // too soon after the last to count
+		{3 * time.Second, 100, 0, 40},              // +20 in 1.8s
+		{5 * time.Second, 60, 0, 40},               // fell
+		{6 * time.Second, 70, 0, 40},               // +10 in 1s
+		{8 * time.Second, 270, 0, 100},             // +200 in 2s
+		{time.Minute, 270, 0, 100},                 // steady
+		{time.Minute + time.Second, 0, 0, 100},     // a restart
+		{time.Minute + 2*time.Second, 5, 150, 150}, // a history read: 150 started in one second
+		{time.Minute + 3*time.Second, 5, 20, 150},  // the fastest is kept
+	}
+	for _, s := range steps {
+		g.LearnFacts(s.held, s.starts, t0.Add(s.at))
+		if got := g.Facts(); got.Held != s.held || got.PeakRate != s.peak || !got.At.Equal(t0.Add(s.at)) {
+			t.Errorf("after %d at %v: %+v, want held %d, peak %v", s.held, s.at, got, s.held, s.peak)
+		}
 	}
 }
 
 // The window from the facts is the reconnect cycle's period when it is
 // longer than the startup window; a configured fleet keeps its own.
 func TestRecoveryWindowFromFactsUnlessAFleetIsConfigured(t *testing.T) {
+	t0 := time.Unix(1_800_000_000, 0)
+	learn := func(g *Gate, held int) {
+		g.LearnFacts(0, 0, t0)
+		g.LearnFacts(held, 0, t0.Add(time.Second)) // a peak of held per second
+	}
 	lone := &Gate{plan: Plan{StartupWindow: time.Second}}
 	if got := lone.RecoveryWindow(); got != time.Second {
 		t.Errorf("without facts: %v, want the startup window, 1s", got)
 	}
-	lone.LearnFacts(ServerFacts{Held: 10, PeakStarts: 40})
-	if got := lone.RecoveryWindow(); got != time.Second {
-		t.Errorf("facts calling for 0.5s: %v, want the startup window, 1s", got)
+	learn(lone, 20) // 20 at 2/3 of 20/s: 1.5s
+	if got := lone.RecoveryWindow(); got != 1500*time.Millisecond {
+		t.Errorf("facts calling for 1.5s: %v", got)
 	}
-	lone.LearnFacts(ServerFacts{Held: 300, PeakStarts: 40})
-	if got := lone.RecoveryWindow(); got != 15*time.Second {
-		t.Errorf("facts calling for 15s: %v", got)
+	short := &Gate{plan: Plan{StartupWindow: 3 * time.Second}}
+	learn(short, 20)
+	if got := short.RecoveryWindow(); got != 3*time.Second {
+		t.Errorf("facts calling for 1.5s: %v, want the startup window, 3s", got)
 	}
-	fleet := &Gate{plan: Plan{StartupWindow: 4 * time.Second, FleetSize: 100, FleetBudget: 25}}
-	fleet.LearnFacts(ServerFacts{Held: 300, PeakStarts: 40})
-	if got := fleet.RecoveryWindow(); got != 4*time.Second {
-		t.Errorf("a configured fleet: %v, want its window, 4s", got)
+	fleet := &Gate{plan: Plan{StartupWindow: time.Second, FleetSize: 100, FleetBudget: 25}}
+	learn(fleet, 20)
+	if got := fleet.RecoveryWindow(); got != time.Second {
+		t.Errorf("a configured fleet: %v, want its window, 1s", got)
 	}
 }
 

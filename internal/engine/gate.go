@@ -74,7 +74,7 @@ type Gate struct {
 	// none yet), kept after it ends. Written with mu held.
 	lastFailure atomic.Int64
 
-	// facts is what the pool last read from pg_stat_activity (nil: none).
+	// facts is what the pool last read of the server (nil: none).
 	facts atomic.Pointer[ServerFacts]
 
 	hosts *hostHealth // backed-off hosts of multi-host connection strings
