@@ -457,6 +457,9 @@ func TestUserHooksAndTracerKeepWorking(t *testing.T) {
 	released := make(chan struct{}, 1)
 	cfg.AfterRelease = func(*pgx.Conn) bool { count("AfterRelease"); released <- struct{}{}; return true }
 	cfg.BeforeClose = func(*pgx.Conn) { count("BeforeClose") }
+	cfg.ShouldPing = func(context.Context, pgxpool.ShouldPingParams) bool { count("ShouldPing"); return false }
+	onPgError := cfg.ConnConfig.OnPgError
+	cfg.ConnConfig.OnPgError = func(c *pgconn.PgConn, e *pgconn.PgError) bool { count("OnPgError"); return onPgError(c, e) }
 
 	p, err := NewWithConfig(context.Background(), cfg, fast...)
 	if err != nil {
@@ -466,14 +469,20 @@ func TestUserHooksAndTracerKeepWorking(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-released // pgxpool calls AfterRelease in a goroutine
+	if _, err := p.Exec(context.Background(), "select 1/0"); err == nil {
+		t.Fatal("division by zero succeeded")
+	}
+	<-released
 	p.Close()
-	for _, h := range []string{"DialFunc", "LookupFunc", "BeforeConnect", "AfterConnect", "PrepareConn", "AfterRelease", "BeforeClose"} {
-		if n := got(h); n != 1 {
-			t.Errorf("%s called %d times, want 1", h, n)
+	want := map[string]int32{"DialFunc": 1, "LookupFunc": 1, "BeforeConnect": 1, "AfterConnect": 1, "BeforeClose": 1,
+		"PrepareConn": 2, "AfterRelease": 2, "ShouldPing": 2, "OnPgError": 1}
+	for h, w := range want {
+		if n := got(h); n != w {
+			t.Errorf("%s called %d times, want %d", h, n, w)
 		}
 	}
-	if ht.Connects.Load() != 1 || ht.Queries.Load() != 1 || ht.Acquires.Load() != 1 {
-		t.Errorf("user tracer: %d connects, %d queries, %d acquires; want 1 each",
+	if ht.Connects.Load() != 1 || ht.Queries.Load() != 2 || ht.Acquires.Load() != 2 {
+		t.Errorf("user tracer: %d connects, %d queries, %d acquires; want 1, 2 (the caller's, not the facts read) and 2",
 			ht.Connects.Load(), ht.Queries.Load(), ht.Acquires.Load())
 	}
 	if s := p.Dialer().Stats(); s.Dials != 1 {

@@ -24,15 +24,17 @@ import (
 //     failures and restarts, and only falls: a baseline that followed a
 //     moving average would drift up under lasting load.
 //   - smoothed is a moving average of recent response times (weight 1/4),
-//     so that one slow fork on a busy machine is not taken for a queue.
-//   - smoothed ≤ target × baseline: the limit grows, by one per success
-//     below the slow-start threshold (doubling per round of connects) and
-//     by one per round above it; not while fewer than half of the slots were
-//     in use (a limit that was not the constraint says nothing).
-//   - smoothed > target × baseline: the limit is multiplied by
-//     target × baseline ÷ smoothed, kept within [1/2, 9/10] (a cut too
-//     small to matter would leave pacers sharing a server in a stalemate
-//     just above the target), at most once per round: an
+//     so that one slow fork on a busy machine is not taken for a queue. A
+//     new baseline resets it: the queue was empty then.
+//   - allowed is target × baseline, or baseline + pacerSlack if more.
+//   - smoothed ≤ allowed: the limit grows, by one per success below the
+//     slow-start threshold (doubling per round of connects) and by one per
+//     round above it; not while fewer than half of the slots were in use
+//     (a limit that was not the constraint says nothing).
+//   - smoothed > allowed: the limit is multiplied by allowed ÷ smoothed,
+//     kept within [1/2, 9/10] (a cut too small to matter would leave
+//     pacers sharing a server in a stalemate just above the target), at
+//     most once per round: an
 //     establishment admitted before the last decrease does not decrease it
 //     again. The slow-start threshold becomes the new limit.
 //   - a transient failure (refused, 53300, 57P03, a timeout): the limit
@@ -69,6 +71,12 @@ type pacer struct {
 	probeFrom  time.Time     // guarded by mu: when the probe under way began; zero when none is
 	probeLimit float64       // guarded by mu: the limit to return to after the probe
 }
+
+// pacerSlack is how far above the baseline the response time may always
+// rise before the pacer calls it a queue: on a loopback server answering in
+// a fraction of a millisecond, twice the baseline is a scheduler's hiccup on
+// a busy machine, not a postmaster's queue.
+const pacerSlack = time.Millisecond
 
 // probeEvery is how often a pacer probes its baseline, give or take 15%.
 const probeEvery = 10 * time.Second
@@ -153,18 +161,18 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.baseline == 0 || rt < p.baseline {
-		p.baseline = rt
-	}
-	if p.smoothed == 0 {
-		p.smoothed = rt
-	} else {
+	switch {
+	case p.baseline == 0 || rt < p.baseline:
+		// A new smallest answer: the queue was empty, whatever slower
+		// answers (a process's first connect, a cold server) came before.
+		p.baseline, p.smoothed = rt, rt
+	default:
 		p.smoothed += (rt - p.smoothed) / 4
 	}
 	if p.probe(now, admitted, inUse) {
 		return false
 	}
-	allowed := p.target * float64(p.baseline)
+	allowed := math.Max(p.target*float64(p.baseline), float64(p.baseline+pacerSlack))
 	if float64(p.smoothed) <= allowed {
 		if 2*inUse >= p.slots() {
 			if p.limit < p.ssthresh {

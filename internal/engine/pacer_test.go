@@ -82,6 +82,42 @@ func TestPacerShrinksOncePerRoundWhenResponseTimeRises(t *testing.T) {
 	}
 }
 
+// On a loopback server answering in half a millisecond, a response time
+// within pacerSlack of the baseline is no queue, even at twice the
+// baseline; past the slack it is.
+func TestPacerToleratesASlackAboveASubMillisecondBaseline(t *testing.T) {
+	us := time.Microsecond
+	p := newPacer(2, 16, 64, half)
+	round(p, t0, t0, 500*us) // baseline 0.5ms
+	before := p.state().limit
+	admitted, now := t0.Add(10*ms), t0.Add(20*ms)
+	for range 8 {
+		p.succeeded(now, admitted, 1400*us, int(before)) // 2.8× the baseline, within 1ms of it
+	}
+	if st := p.state(); st.decreases != 0 || st.limit < before {
+		t.Fatalf("1.4ms answers against a 0.5ms baseline: %+v, want no decrease from %v", st, before)
+	}
+	for range 8 {
+		p.succeeded(now, admitted, 3*ms, int(before))
+	}
+	if st := p.state(); st.decreases != 1 {
+		t.Errorf("3ms answers against a 0.5ms baseline: %d decreases, want 1", st.decreases)
+	}
+}
+
+// A slow first answer (a process's first connect) is no queue once a faster
+// one shows the idle response time.
+func TestPacerNewBaselineForgetsSlowerFirstAnswers(t *testing.T) {
+	p := newPacer(2, 4, 64, half)
+	p.succeeded(t0, t0, 10*ms, 1)
+	for i := range 3 {
+		p.succeeded(t0.Add(time.Duration(i+1)*ms), t0.Add(time.Duration(i+1)*ms), 2*ms, 2)
+	}
+	if st := p.state(); st.decreases != 0 || st.baseline != 2*ms {
+		t.Errorf("after a 10ms answer and three of 2ms: %+v, want baseline 2ms and no decrease", st)
+	}
+}
+
 func TestPacerProbesAfterAFailureAndKeepsItsBaseline(t *testing.T) {
 	p := newPacer(2, 2, 64, half)
 	now := t0
