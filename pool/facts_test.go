@@ -11,8 +11,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/pgstagger/pgstagger/internal/engine"
+	"github.com/pgstagger/pgstagger/internal/oteltest"
 	"github.com/pgstagger/pgstagger/internal/testdb"
 )
 
@@ -55,7 +57,8 @@ func TestServerFactsAreReadOnAnAcquiredConnection(t *testing.T) {
 	}
 	queries := &countingTracer{}
 	cfg.ConnConfig.Tracer = queries
-	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0))
+	env := oteltest.New(t)
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0), WithMeterProvider(env.MP))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,6 +68,13 @@ func TestServerFactsAreReadOnAnAcquiredConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := p.Dialer().Stats()
+	m := env.Metrics(t)
+	if g, ok := m["pgstagger.server.connections"].Data.(metricdata.Gauge[int64]); !ok || len(g.DataPoints) != 1 || g.DataPoints[0].Value != int64(st.ServerConns) {
+		t.Errorf("pgstagger.server.connections = %+v, want one point of %d", m["pgstagger.server.connections"].Data, st.ServerConns)
+	}
+	if g, ok := m["pgstagger.recovery.window"].Data.(metricdata.Gauge[float64]); !ok || len(g.DataPoints) != 1 || g.DataPoints[0].Value != st.RecoveryWindow.Seconds() {
+		t.Errorf("pgstagger.recovery.window = %+v, want one point of %v", m["pgstagger.recovery.window"].Data, st.RecoveryWindow.Seconds())
+	}
 	// 5 others and ours; an autovacuum worker may be connected too.
 	if st.ServerConns < 6 || st.ServerConns > 8 {
 		t.Errorf("the server held %d connections, want 6 (5 others and ours)", st.ServerConns)

@@ -13,6 +13,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net"
@@ -46,7 +47,7 @@ type Gate struct {
 	limiter    *rate.Limiter
 	startupEnd time.Time // end of the startup delay
 	forPool    bool      // installed on a pool's configuration
-	bindErr    error     // why the pacer's metrics could not be registered
+	bindErr    error     // why the gate's observed metrics could not be registered
 
 	startupOver atomic.Bool // startupEnd has passed
 
@@ -187,6 +188,7 @@ func (g *Gate) bind(cfg *pgx.ConnConfig, c *Config, params map[string]string, wa
 		if g.pacer != nil {
 			g.bindErr = g.tel.observePacer(g.pacer)
 		}
+		g.bindErr = errors.Join(g.bindErr, g.tel.observeFacts(g))
 		if g.plan.StartupWindow == 0 {
 			g.startupOver.Store(true)
 		}

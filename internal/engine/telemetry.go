@@ -86,8 +86,11 @@ type telemetry struct {
 	responseTime metric.Float64Histogram
 	limit        metric.Float64ObservableGauge
 	baseline     metric.Float64ObservableGauge
+	serverConns  metric.Int64ObservableGauge
+	window       metric.Float64ObservableGauge
 	meter        metric.Meter
 	pacerReg     metric.Registration // set by observePacer; nil before
+	factsReg     metric.Registration // set by observeFacts; nil before
 	log          *slog.Logger        // nil: no logging
 
 	// Set by bind.
@@ -122,6 +125,12 @@ func newTelemetry(cfg *Config) (*telemetry, error) {
 	err = errors.Join(err, e)
 	t.baseline, e = m.Float64ObservableGauge("pgstagger.postmaster.baseline", metric.WithUnit("s"),
 		metric.WithDescription("The smallest postmaster response time seen: the pacer's idle baseline."))
+	err = errors.Join(err, e)
+	t.serverConns, e = m.Int64ObservableGauge("pgstagger.server.connections", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connections to a database the server held when the pool last counted them."))
+	err = errors.Join(err, e)
+	t.window, e = m.Float64ObservableGauge("pgstagger.recovery.window", metric.WithUnit("s"),
+		metric.WithDescription("The period of the reconnect cycle after a failure: the startup window, or the window the server's facts call for."))
 	err = errors.Join(err, e)
 	t.meter = m
 	t.responseTime, e = m.Float64Histogram("pgstagger.postmaster.response_time", metric.WithUnit("s"), buckets,
@@ -173,10 +182,27 @@ func (t *telemetry) observePacer(p *pacer) error {
 	return err
 }
 
-// close stops the pacer's observation.
+// observeFacts reports g's recovery window and, once counted, the server's
+// connections, with the pool attribute; call it once bind has run.
+func (t *telemetry) observeFacts(g *Gate) error {
+	set := metric.WithAttributeSet(t.poolSet)
+	var err error
+	t.factsReg, err = t.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		o.ObserveFloat64(t.window, g.RecoveryWindow().Seconds(), set)
+		if f := g.facts.Load(); f != nil {
+			o.ObserveInt64(t.serverConns, int64(f.Held), set)
+		}
+		return nil
+	}, t.window, t.serverConns)
+	return err
+}
+
+// close stops the observations.
 func (t *telemetry) close() {
-	if t.pacerReg != nil {
-		_ = t.pacerReg.Unregister()
+	for _, r := range []metric.Registration{t.pacerReg, t.factsReg} {
+		if r != nil {
+			_ = r.Unregister()
+		}
 	}
 }
 
