@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -27,6 +28,7 @@ type restartResult struct {
 	recovered time.Duration   // every worker had a query succeed after up (0: not all did)
 	firstOKs  []time.Duration // each worker's first success after up, for those that had one
 	dialTimes []time.Duration // every dial the fleet made
+	answered  []time.Duration // ... that reached a listening server (not refused)
 	// gate is what pgstagger's gates counted from the restart on (nil for
 	// pgxpool).
 	gate *gateCounts
@@ -134,6 +136,7 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 		return "-"
 	})
 	row("peak dials in one second (refused too)", func(r restartResult) string { return fmt.Sprint(peakPerSecond(r.dialTimes)) })
+	row("  not refused", func(r restartResult) string { return fmt.Sprint(peakPerSecond(r.answered)) })
 	// The fleet's own queries load the server: the bystander's connects in
 	// the seconds before the restart are the steady state to compare with.
 	row("bystander before the restart p50 / p99", func(r restartResult) string {
@@ -252,15 +255,21 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 		mu        sync.Mutex
 		restartAt time.Time // zero until the restart begins
 		dialTimes []time.Duration
+		answered  []time.Duration
 		nd        net.Dialer
 	)
 	base.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		at := time.Now()
+		conn, err := nd.DialContext(ctx, network, addr)
 		mu.Lock()
 		if !restartAt.IsZero() {
-			dialTimes = append(dialTimes, time.Since(restartAt))
+			dialTimes = append(dialTimes, at.Sub(restartAt))
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				answered = append(answered, at.Sub(restartAt))
+			}
 		}
 		mu.Unlock()
-		return nd.DialContext(ctx, network, addr)
+		return conn, err
 	}
 
 	lastOK := make([]atomic.Int64, cfg.fleet)  // unix nanos of each worker's last success
@@ -367,6 +376,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	<-byDone
 	mu.Lock()
 	res.dialTimes = slices.Clone(dialTimes)
+	res.answered = slices.Clone(answered)
 	mu.Unlock()
 	if after := countGates(pools); after != nil {
 		res.gate = &gateCounts{
