@@ -141,8 +141,8 @@ func (d *Dialer) Close() { d.g.Close() }
 // failure or a session the server ended: the startup window, or for a
 // pool that is not a configured fleet ([WithFleet]) and has read the
 // server's facts (pool.WithServerFacts), the window over which the
-// connections the server held come back at two thirds of the fastest rate
-// they were seen to grow, or at a quarter of the rate of a postmaster taking the
+// connections the server held come back at half the fastest rate they
+// were seen to grow, or at a quarter of the rate of a postmaster taking the
 // pacer's baseline per connect if that is faster, if longer; at most
 // [MaxRecoveryWindow].
 func (d *Dialer) RecoveryWindow() time.Duration { return d.g.RecoveryWindow() }

@@ -185,8 +185,8 @@ func WithLifetimeJitter(d time.Duration) Option {
 // the server holds (pg_stat_database's numbackends, readable by any role),
 // learning from successive counts how fast the server has taken them on. A
 // fleet that lost its connections to a restart or a crash then reconnects
-// over a window long enough to bring them all back at two thirds of the
-// fastest connect rate seen (at most [dialer.MaxRecoveryWindow]), each process at its own
+// over a window long enough to bring them all back at half the fastest
+// connect rate seen (at most [dialer.MaxRecoveryWindow]), each process at its own
 // place in it, instead of all within the startup window; [WithFleet] sizes
 // that window itself, and its own wins. See [dialer.Dialer.RecoveryWindow].
 //

@@ -8,7 +8,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-func TestFactsWindowBringsTheHeldConnectionsBackAtTwoThirdsOfTheServedRate(t *testing.T) {
+func TestFactsWindowBringsTheHeldConnectionsBackAtHalfTheServedRate(t *testing.T) {
 	ms := time.Millisecond
 	cases := []struct {
 		name     string
@@ -16,9 +16,9 @@ func TestFactsWindowBringsTheHeldConnectionsBackAtTwoThirdsOfTheServedRate(t *te
 		baseline time.Duration
 		want     time.Duration
 	}{
-		{"two thirds of the peak", ServerFacts{Held: 300, PeakRate: 60}, 0, 7500 * ms},
-		{"the baseline's quarter is faster", ServerFacts{Held: 300, PeakRate: 60}, 5 * ms, 6 * time.Second}, // 50/s
-		{"the peak's share is faster", ServerFacts{Held: 300, PeakRate: 60}, 50 * ms, 7500 * ms},            // 5/s
+		{"half the peak", ServerFacts{Held: 300, PeakRate: 60}, 0, 10 * time.Second},
+		{"the baseline's quarter is faster", ServerFacts{Held: 300, PeakRate: 60}, 5 * ms, 6 * time.Second}, // 50/s against 30/s
+		{"the peak's share is faster", ServerFacts{Held: 300, PeakRate: 60}, 50 * ms, 10 * time.Second},     // 5/s
 		{"no peak seen: the baseline", ServerFacts{Held: 100}, 10 * ms, 4 * time.Second},                    // 25/s
 		{"no rate known", ServerFacts{Held: 100}, 0, 0},
 		{"nothing held", ServerFacts{PeakRate: 40}, 10 * ms, 0},
@@ -78,14 +78,14 @@ func TestRecoveryWindowFromFactsUnlessAFleetIsConfigured(t *testing.T) {
 	if got := lone.RecoveryWindow(); got != time.Second {
 		t.Errorf("without facts: %v, want the startup window, 1s", got)
 	}
-	learn(lone, 20) // 20 at 2/3 of 20/s: 1.5s
-	if got := lone.RecoveryWindow(); got != 1500*time.Millisecond {
-		t.Errorf("facts calling for 1.5s: %v", got)
+	learn(lone, 20) // 20 at half of 20/s: 2s
+	if got := lone.RecoveryWindow(); got != 2*time.Second {
+		t.Errorf("facts calling for 2s: %v", got)
 	}
 	short := &Gate{plan: Plan{StartupWindow: 3 * time.Second}}
 	learn(short, 20)
 	if got := short.RecoveryWindow(); got != 3*time.Second {
-		t.Errorf("facts calling for 1.5s: %v, want the startup window, 3s", got)
+		t.Errorf("facts calling for 2s: %v, want the startup window, 3s", got)
 	}
 	fleet := &Gate{plan: Plan{StartupWindow: time.Second, FleetSize: 100, FleetBudget: 25}}
 	learn(fleet, 20)
