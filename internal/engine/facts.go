@@ -47,7 +47,7 @@ const FactsHistoryQuery = `select (select coalesce(sum(pg_stat_get_db_numbackend
 // more (a backlog drains into it). Measured in the demo's restart, 1,500
 // workers, pgxpool reconnecting all at once in the same runs: at half, all
 // back 1.96-2.40× as long after the server was up as with pgxpool, and a
-// bystander's connect p99 1.4-3.9× its loaded steady state (3 runs); at two
+// bystander's connect p99 1.4-3.9× its loaded steady state (4 runs); at two
 // thirds, 1.39-2.38× and 0.6-21× (6 runs); at the full rate, one run
 // reached 641 dials a second against a capacity of 216.
 const FactsShare = 0.5
