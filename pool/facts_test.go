@@ -3,7 +3,6 @@ package pool
 import (
 	"context"
 	"fmt"
-	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -136,17 +135,7 @@ func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var (
-		mu    sync.Mutex
-		dials []time.Time
-		nd    net.Dialer
-	)
-	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		mu.Lock()
-		dials = append(dials, time.Now())
-		mu.Unlock()
-		return nd.DialContext(ctx, network, addr)
-	}
+	dials := recordDials(cfg)
 	// The pacer off: its baseline would call for a window too short to see.
 	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0), WithResponseTarget(0))
 	if err != nil {
@@ -175,9 +164,7 @@ func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
 	if err := c.Restart(); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	before := len(dials)
-	mu.Unlock()
+	before := len(dials())
 	// The first use of the idle session reads the server's 57P01; the
 	// caller retries on a new connection.
 	for {
@@ -193,9 +180,7 @@ func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
 	if st.Lost != 1 || st.Transient != 0 {
 		t.Errorf("lost %d sessions, %d transient failures; want 1 and 0 (the server was up)", st.Lost, st.Transient)
 	}
-	mu.Lock()
-	after := dials[before:]
-	mu.Unlock()
+	after := dials()[before:]
 	if len(after) != 1 {
 		t.Fatalf("%d dials after the restart, want 1", len(after))
 	}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -71,6 +72,27 @@ func (a *attempts) next(t *testing.T) attempt {
 	case <-time.After(30 * time.Second):
 		t.Fatal("no connect attempt ended within 30s")
 		return attempt{}
+	}
+}
+
+// recordDials makes cfg's dials note when each began; the function it
+// returns gives those so far.
+func recordDials(cfg *pgxpool.Config) func() []time.Time {
+	var (
+		mu    sync.Mutex
+		dials []time.Time
+		nd    net.Dialer
+	)
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dials = append(dials, time.Now())
+		mu.Unlock()
+		return nd.DialContext(ctx, network, addr)
+	}
+	return func() []time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(dials)
 	}
 }
 
@@ -647,17 +669,7 @@ func TestCancelStormStaysWithinTheBudgetAndQueriesStillCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var (
-		mu    sync.Mutex
-		dials []time.Time
-		nd    net.Dialer
-	)
-	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		mu.Lock()
-		dials = append(dials, time.Now())
-		mu.Unlock()
-		return nd.DialContext(ctx, network, addr)
-	}
+	dials := recordDials(cfg)
 	p, err := NewWithConfig(ctx, cfg, WithStartupJitter(0), WithConnectRate(rateLimit, burst))
 	if err != nil {
 		t.Fatal(err)
@@ -677,9 +689,7 @@ func TestCancelStormStaysWithinTheBudgetAndQueriesStillCancel(t *testing.T) {
 		cn.Release()
 	}
 
-	mu.Lock()
 	stormAt := time.Now()
-	mu.Unlock()
 	const deadline = 300 * time.Millisecond
 	var wg sync.WaitGroup
 	for range n {
@@ -708,14 +718,12 @@ func TestCancelStormStaysWithinTheBudgetAndQueriesStillCancel(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond) // polling: the server signals nothing
 	}
-	mu.Lock()
 	var storm []time.Time
-	for _, d := range dials {
+	for _, d := range dials() {
 		if d.After(stormAt) {
 			storm = append(storm, d)
 		}
 	}
-	mu.Unlock()
 	checkPaced(t, storm, rateLimit, burst)
 	if s := p.Dialer().Stats(); s.CancelsShed != 0 {
 		t.Errorf("%d cancels not sent; stats %+v", s.CancelsShed, s)
