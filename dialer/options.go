@@ -176,8 +176,8 @@ func WithMaxConnecting(n int) Option {
 // moving average of recent response times stays within ratio × baseline
 // (or 1ms above the baseline, if more: on a loopback server answering in
 // half a millisecond, a millisecond more is the machine's noise, not a
-// queue) it lets more connects wait, doubling per round of connects at first, then
-// one more per round; past it, it lets fewer, in proportion to the excess
+// queue) it lets more connects wait, doubling per round of connects at
+// first, then one more per round; past it, it lets fewer, in proportion to the excess
 // (by a tenth to a half, once per round). After a transient failure
 // (refused, 53300 too_many_connections, 57P03, a timeout) it lets one
 // connect probe, then doubles again. Every client of a server sees the same
@@ -215,12 +215,12 @@ func WithResponseTarget(ratio float64) Option {
 // pool.WithServerFacts). A session the server ends as it shuts down or
 // crashes (SQLSTATE 57P01 or 57P02, which pg_terminate_backend sends too)
 // counts as a transient failure: the process's next establishment waits
-// for its place instead of dialing a server that is going away. A dial refused at the TCP level, or reset
-// or closed before the server sent a byte, gives its token back: the
-// server forked nothing for it. In a fleet ([WithFleet]) every transient
-// failure gives its tokens back, since the cycle already paces the
-// process at one attempt a window, and waits for a token end on the
-// process's place in a cycle of one refill.
+// for its place instead of dialing a server that is going away. A dial
+// refused at the TCP level, or reset or closed before the server sent a
+// byte, gives its token back: the server forked nothing for it. In a fleet
+// ([WithFleet]) every transient failure gives its tokens back, since the
+// cycle already paces the process at one attempt a window, and waits for a
+// token end on the process's place in a cycle of one refill.
 func WithBackOff(newPolicy func() backoff.BackOff) Option {
 	return optionFunc(func(c *config) {
 		if newPolicy == nil {

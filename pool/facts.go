@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,10 +45,10 @@ const factsTimeout = time.Second
 // the next 1s later, then 2s, 4s … up to every (a fleet that has just
 // started has not finished connecting; two reads a second apart see its
 // rate), each interval ±15% so that a fleet's reads do not line up. The
-// second read, and then one every historyPerConn per connection held (at
-// least every 4 × every), also reads when the backends started: by then
-// a fleet that started together has, and its fastest second shows. The hot
-// path pays one atomic load.
+// second read also reads when the backends started (by then a fleet that
+// started together has, and its fastest second shows), and so does a later
+// one at most every 4 × every, or historyPerConn per connection held if
+// that is longer. The hot path pays one atomic load.
 type serverFacts struct {
 	g     *engine.Gate
 	every time.Duration
@@ -91,7 +92,7 @@ func newServerFacts(inner *pgxpool.Config, g *engine.Gate, every time.Duration, 
 var errFactsReply = errors.New("pgstagger: unexpected reply to the server facts query")
 
 // read runs the facts query on c and schedules the next read, unless the
-// server cannot run it. It goes through pgconn, below pgx's query tracers
+// server cannot run the query ([cannotRun]). It goes through pgconn, below pgx's query tracers
 // and statement cache: the caller's tracer does not see it. It reports
 // whether c is still usable.
 func (f *serverFacts) read(c *pgconn.PgConn) bool {
@@ -107,7 +108,8 @@ func (f *serverFacts) read(c *pgconn.PgConn) bool {
 	if err == nil && len(vals) < 1+btoi(history) {
 		err = errFactsReply
 	}
-	if err == nil {
+	switch {
+	case err == nil:
 		held, starts := vals[0], 0
 		if history {
 			starts = vals[1]
@@ -116,12 +118,24 @@ func (f *serverFacts) read(c *pgconn.PgConn) bool {
 		f.reads++
 		f.g.LearnFacts(held, starts, time.Now())
 		f.schedule(held)
-	} else if c.IsClosed() {
+	case cannotRun(err):
+		// An SQL proxy without PostgreSQL's statistics functions, or a
+		// reply of the wrong shape: no more reads.
+	default:
 		f.schedule(f.g.Facts().Held)
 	}
-	// Else the server answered and cannot run it (an SQL proxy without
-	// PostgreSQL's statistics functions): no more reads.
 	return !c.IsClosed()
+}
+
+// cannotRun reports whether err says the server cannot run the facts
+// query at all: a reply of the wrong shape, or SQLSTATE class 42 (an
+// unknown function or relation) or 0A (not supported).
+func cannotRun(err error) bool {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return strings.HasPrefix(pe.Code, "42") || strings.HasPrefix(pe.Code, "0A")
+	}
+	return errors.Is(err, errFactsReply)
 }
 
 // intsOf parses a one-row reply of integers.

@@ -34,9 +34,9 @@ import (
 //   - smoothed > allowed: the limit is multiplied by allowed ÷ smoothed,
 //     kept within [1/2, 9/10] (a cut too small to matter would leave
 //     pacers sharing a server in a stalemate just above the target), at
-//     most once per round: an
-//     establishment admitted before the last decrease does not decrease it
-//     again. The slow-start threshold becomes the new limit.
+//     most once per round: an establishment admitted before the last
+//     decrease does not decrease it again. The slow-start threshold
+//     becomes the new limit.
 //   - a transient failure (refused, 53300, 57P03, a timeout): the limit
 //     falls to one, a prober, and slow start doubles it from there.
 //   - every 10s or so (±15%, so that processes do not probe together), a
