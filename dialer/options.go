@@ -174,9 +174,9 @@ func WithMaxConnecting(n int) Option {
 // plus the fork). It keeps the smallest response time seen as the idle
 // baseline, across failures, and probes it alone every 10s or so; while a
 // moving average of recent response times stays within ratio × baseline
-// (or 1ms above the baseline, if more: on a loopback server answering in
-// half a millisecond, a millisecond more is the machine's noise, not a
-// queue) it lets more connects wait, doubling per round of connects at
+// (or 2ms above the baseline, if more: on a loopback server answering in
+// half a millisecond, a millisecond or two more is the machine's noise,
+// not a queue) it lets more connects wait, doubling per round of connects at
 // first, then one more per round; past it, it lets fewer, in proportion to the excess
 // (by a tenth to a half, once per round). After a transient failure
 // (refused, 53300 too_many_connections, 57P03, a timeout) it lets one

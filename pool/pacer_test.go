@@ -9,6 +9,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/time/rate"
+
+	"github.com/pgstagger/pgstagger/internal/testdb"
 )
 
 // fill acquires n connections at once, holds them until all are acquired,
@@ -44,7 +46,9 @@ func fill(t *testing.T, p *Pool, n int) {
 // another client loads the postmaster, it lets fewer.
 func TestPacerBacksOffWhileAnotherClientLoadsThePostmaster(t *testing.T) {
 	const size = 4
-	c := db(t)
+	// A cluster of its own: on the package's shared one, the backends of
+	// earlier tests exiting keep the postmaster busy for a while.
+	c := ownCluster(t, testdb.Options{})
 	p := newPool(t, c.ConnString("", "pool_max_conns=4"), WithStartupJitter(0), WithConnectRate(rate.Inf, 1))
 	fill(t, p, size)
 	quiet := p.Dialer().Stats()

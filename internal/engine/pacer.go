@@ -75,8 +75,9 @@ type pacer struct {
 // pacerSlack is how far above the baseline the response time may always
 // rise before the pacer calls it a queue: on a loopback server answering in
 // a fraction of a millisecond, twice the baseline is a scheduler's hiccup on
-// a busy machine, not a postmaster's queue.
-const pacerSlack = time.Millisecond
+// a busy machine, not a postmaster's queue. It changes nothing for a
+// baseline of 2ms or more, where the target ratio allows more.
+const pacerSlack = 2 * time.Millisecond
 
 // probeEvery is how often a pacer probes its baseline, give or take 15%.
 const probeEvery = 10 * time.Second
