@@ -13,7 +13,9 @@
 // establishes, for an Acquire, for MinConns or for a health-check refill,
 // passes the gate of package [github.com/pgstagger/pgstagger/dialer]:
 // startup jitter, a token bucket on new connections, a cap on
-// establishments in flight and a recovery delay after failures. Transient
+// establishments in flight and a recovery delay after failures, which
+// spreads a fleet's reconnects after a restart over a window sized from
+// the server's own count of its connections ([WithServerFacts]). Transient
 // connect failures of the pool's methods are retried with backoff and full
 // jitter; query errors never are. Connection lifetimes are jittered to the
 // nanosecond. Each option states its default; all of them protect a single

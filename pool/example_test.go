@@ -56,6 +56,20 @@ func ExampleWithFleetMember() {
 	// Output: window 2s, member 150 starts after 837ms
 }
 
+// Count the server's connections at most once a minute, to size the
+// reconnect window after a restart. Until the first count, which comes
+// with the first Acquire, the window is the startup window.
+func ExampleWithServerFacts() {
+	ctx := context.Background()
+	p, err := pool.New(ctx, "postgres://app@db.internal/app?sslmode=disable", pool.WithServerFacts(time.Minute))
+	if err != nil {
+		panic(err)
+	}
+	defer p.Close()
+	fmt.Println(p.Dialer().RecoveryWindow(), p.Dialer().Stats().ServerConns)
+	// Output: 1s 0
+}
+
 // Several pools of one process share a bucket.
 func ExampleWithLimiter() {
 	ctx := context.Background()
