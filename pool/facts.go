@@ -92,20 +92,20 @@ func newServerFacts(inner *pgxpool.Config, g *engine.Gate, every time.Duration, 
 var errFactsReply = errors.New("pgstagger: unexpected reply to the server facts query")
 
 // read runs the facts query on c and schedules the next read, unless the
-// server cannot run the query ([cannotRun]). It goes through pgconn, below pgx's query tracers
-// and statement cache: the caller's tracer does not see it. It reports
-// whether c is still usable.
+// server cannot run the query ([cannotRun]). It goes through pgconn, below
+// pgx's query tracers and statement cache: the caller's tracer does not see
+// it. It reports whether c is still usable.
 func (f *serverFacts) read(c *pgconn.PgConn) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), factsTimeout)
 	defer cancel()
 	now := time.Now()
 	history := f.reads == 1 || (f.reads > 1 && !now.Before(f.nextHistory))
-	sql := engine.FactsQuery
+	sql, columns := engine.FactsQuery, 1
 	if history {
-		sql = engine.FactsHistoryQuery
+		sql, columns = engine.FactsHistoryQuery, 2
 	}
 	vals, err := intsOf(c.Exec(ctx, sql).ReadAll())
-	if err == nil && len(vals) < 1+btoi(history) {
+	if err == nil && len(vals) != columns {
 		err = errFactsReply
 	}
 	switch {
@@ -180,11 +180,4 @@ func (f *serverFacts) close() {
 	if f.timer != nil {
 		f.timer.Stop()
 	}
-}
-
-func btoi(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }
