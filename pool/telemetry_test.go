@@ -3,21 +3,15 @@ package pool
 import (
 	"context"
 	"errors"
-	"net"
-	"sort"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
-	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
-	"google.golang.org/grpc"
 
 	"github.com/pgstagger/pgstagger/dialer"
 	"github.com/pgstagger/pgstagger/internal/oteltest"
@@ -214,70 +208,4 @@ func (a *acquireSignal) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, 
 	return ctx
 }
 func (a *acquireSignal) TraceAcquireEnd(context.Context, *pgxpool.Pool, pgxpool.TraceAcquireEndData) {
-}
-
-// collector is an OTLP/gRPC trace service that keeps what it receives.
-type collector struct {
-	collectortrace.UnimplementedTraceServiceServer
-	mu    sync.Mutex
-	names []string
-	got   chan struct{}
-}
-
-func (c *collector) Export(_ context.Context, req *collectortrace.ExportTraceServiceRequest) (*collectortrace.ExportTraceServiceResponse, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, rs := range req.ResourceSpans {
-		for _, ss := range rs.ScopeSpans {
-			for _, s := range ss.Spans {
-				c.names = append(c.names, s.Name)
-			}
-		}
-	}
-	select {
-	case c.got <- struct{}{}:
-	default:
-	}
-	return &collectortrace.ExportTraceServiceResponse{}, nil
-}
-
-func TestConnectSpansReachAnOTLPCollector(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
-	col := &collector{got: make(chan struct{}, 1)}
-	collectortrace.RegisterTraceServiceServer(srv, col)
-	go func() { _ = srv.Serve(l) }()
-	defer srv.Stop()
-
-	ctx := context.Background()
-	exp, err := otlptracegrpc.New(ctx, otlptracegrpc.WithEndpoint(l.Addr().String()), otlptracegrpc.WithInsecure())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp))
-	p := newPool(t, db(t).ConnString(""), append(fast, WithTracerProvider(tp))...)
-	if err := p.Ping(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := tp.Shutdown(ctx); err != nil { // flushes over gRPC
-		t.Fatal(err)
-	}
-	col.mu.Lock()
-	names := append([]string(nil), col.names...)
-	col.mu.Unlock()
-	sort.Strings(names)
-	want := map[string]bool{"pgstagger.connect": false, "pgstagger.dial": false, "pgstagger.startup": false}
-	for _, n := range names {
-		if _, ok := want[n]; ok {
-			want[n] = true
-		}
-	}
-	for n, ok := range want {
-		if !ok {
-			t.Errorf("collector did not receive a %s span; got %v", n, names)
-		}
-	}
 }

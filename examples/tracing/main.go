@@ -1,13 +1,14 @@
 // Command tracing shows every connection a pgstagger pool makes as an
 // OpenTelemetry trace. It starts a throwaway PostgreSQL cluster (or uses
 // -url), builds a pool that warms up two connections in the background and
-// serves a burst of requests, and prints the span trees it recorded. With
-// OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set,
-// it also exports the spans and the metrics over OTLP/gRPC, configured by
-// the standard OTEL_EXPORTER_OTLP_* variables, to Jaeger or any collector.
+// serves a burst of requests, and prints the span trees it recorded. It
+// also exports the spans and the metrics as the OpenTelemetry environment
+// says (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER, OTEL_EXPORTER_OTLP_*),
+// to Jaeger or any collector; see fromEnvironment.
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -19,9 +20,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/contrib/exporters/autoexport"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/exporters/otlp/otlpmetric/otlpmetricgrpc"
-	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
@@ -34,17 +34,24 @@ import (
 )
 
 func main() {
-	if err := run(); err != nil {
+	if err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "tracing:", err)
 		os.Exit(1)
 	}
 }
 
-func run() error {
-	url := flag.String("url", "", "PostgreSQL connection string; empty starts a throwaway local cluster")
-	requests := flag.Int("requests", 4, "concurrent requests in the burst")
-	flag.Parse()
-	ctx := context.Background()
+// run is the example; it returns an error, so that the exit code is 1, when
+// the pool failed or spans were to be exported and were not. A signal that
+// failed to export but the spans (a collector that takes traces only, as
+// Jaeger does by default, refuses metrics) is reported on stderr.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	flags := flag.NewFlagSet("tracing", flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	url := flags.String("url", "", "PostgreSQL connection string; empty starts a throwaway local cluster")
+	requests := flags.Int("requests", 4, "concurrent requests in the burst")
+	if err := flags.Parse(args); err != nil {
+		return err
+	}
 
 	if *url == "" {
 		c, err := testdb.Start(testdb.Options{})
@@ -61,18 +68,17 @@ func run() error {
 	printer := &treePrinter{}
 	tpOpts := []sdktrace.TracerProviderOption{sdktrace.WithResource(res), sdktrace.WithSyncer(printer)}
 	mpOpts := []sdkmetric.Option{sdkmetric.WithResource(res)}
-	if otlpConfigured() {
-		texp, err := otlptracegrpc.New(ctx) // reads OTEL_EXPORTER_OTLP_*
-		if err != nil {
-			return err
-		}
-		mexp, err := otlpmetricgrpc.New(ctx)
-		if err != nil {
-			return err
-		}
-		tpOpts = append(tpOpts, sdktrace.WithBatcher(texp))
-		mpOpts = append(mpOpts, sdkmetric.WithReader(sdkmetric.NewPeriodicReader(mexp)))
-		fmt.Println("exporting over OTLP/gRPC as configured by OTEL_EXPORTER_OTLP_*")
+	spans, reader, err := fromEnvironment(ctx)
+	if err != nil {
+		return err
+	}
+	if spans != nil {
+		tpOpts = append(tpOpts, sdktrace.WithBatcher(spans))
+		fmt.Fprintln(stdout, "exporting spans as OTEL_TRACES_EXPORTER and OTEL_EXPORTER_OTLP_* say")
+	}
+	if reader != nil {
+		mpOpts = append(mpOpts, sdkmetric.WithReader(reader))
+		fmt.Fprintln(stdout, "exporting metrics as OTEL_METRICS_EXPORTER and OTEL_EXPORTER_OTLP_* say")
 	}
 	tp := sdktrace.NewTracerProvider(tpOpts...)
 	mp := sdkmetric.NewMeterProvider(mpOpts...)
@@ -102,26 +108,100 @@ func run() error {
 			defer span.End()
 			var n int
 			if err := p.QueryRow(rctx, "select 1 from pg_sleep(0.05)").Scan(&n); err != nil {
-				fmt.Fprintln(os.Stderr, "query:", err)
+				fmt.Fprintln(stderr, "query:", err)
 			}
 		})
 	}
 	wg.Wait()
 	// Flush metrics while the pool is open, so its connection counts are
-	// in the last export, then close the pool and flush its spans.
+	// in the last export; a failure is reported and changes nothing for
+	// the spans. Then close the pool and flush its spans.
 	if err := mp.Shutdown(ctx); err != nil {
-		return err
+		fmt.Fprintln(stderr, "tracing: metrics were not exported:", err)
 	}
 	p.Close()
 	if err := tp.Shutdown(ctx); err != nil {
 		return err
 	}
-	printer.print(os.Stdout)
+	printer.print(stdout)
+	if spans != nil {
+		n, err := spans.result()
+		if err != nil {
+			return fmt.Errorf("spans were not exported: %w", err)
+		}
+		fmt.Fprintf(stdout, "\nexported %d spans\n", n)
+	}
 	return nil
 }
 
-func otlpConfigured() bool {
-	return os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != ""
+// fromEnvironment builds the span exporter and the metric reader the
+// OpenTelemetry environment asks for, with autoexport: OTEL_TRACES_EXPORTER
+// and OTEL_METRICS_EXPORTER (otlp, console, none), OTEL_EXPORTER_OTLP_PROTOCOL
+// (http/protobuf by default, or grpc), OTEL_EXPORTER_OTLP_ENDPOINT and the
+// other OTEL_EXPORTER_OTLP_* variables. One departure from the
+// specification's default: a signal whose exporter variable is unset is
+// exported over OTLP only if an OTLP endpoint is set for it, so that the
+// example run bare prints its trees and nothing else. nil: not exported.
+func fromEnvironment(ctx context.Context) (*delivery, sdkmetric.Reader, error) {
+	var spans *delivery
+	if wanted("TRACES") {
+		exp, err := autoexport.NewSpanExporter(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		if !autoexport.IsNoneSpanExporter(exp) {
+			spans = &delivery{SpanExporter: exp}
+		}
+	}
+	var reader sdkmetric.Reader
+	if wanted("METRICS") {
+		r, err := autoexport.NewMetricReader(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		if !autoexport.IsNoneMetricReader(r) {
+			reader = r
+		}
+	}
+	return spans, reader, nil
+}
+
+// wanted reports whether a signal (TRACES, METRICS) is to be exported: its
+// OTEL_<signal>_EXPORTER is set, or an OTLP endpoint for it is.
+func wanted(signal string) bool {
+	return os.Getenv("OTEL_"+signal+"_EXPORTER") != "" ||
+		os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" ||
+		os.Getenv("OTEL_EXPORTER_OTLP_"+signal+"_ENDPOINT") != ""
+}
+
+// delivery is a span exporter that counts the spans it delivered and keeps
+// the first error, since the batch span processor hands export errors to
+// otel.Handle and returns none.
+type delivery struct {
+	sdktrace.SpanExporter
+
+	mu  sync.Mutex
+	n   int   // guarded by mu: spans delivered
+	err error // guarded by mu: the first export error
+}
+
+func (d *delivery) ExportSpans(ctx context.Context, spans []sdktrace.ReadOnlySpan) error {
+	err := d.SpanExporter.ExportSpans(ctx, spans)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err != nil {
+		d.err = cmp.Or(d.err, err)
+		return err
+	}
+	d.n += len(spans)
+	return nil
+}
+
+// result is how many spans were delivered, or the first export error.
+func (d *delivery) result() (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.n, d.err
 }
 
 // treePrinter keeps every span and prints them as trees.
