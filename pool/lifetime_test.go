@@ -139,3 +139,37 @@ func TestExpiredConnectionIsReplacedOnRealServer(t *testing.T) {
 		t.Errorf("connection still in use after its lifetime")
 	}
 }
+
+// TestConnReleaseChecksMaxConnLifetime is pgxpool's test of the same name,
+// run through pgstagger's pool with lifetime jitter off, as pgxpool has it
+// by default.
+func TestConnReleaseChecksMaxConnLifetime(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	config, err := pgxpool.ParseConfig(db(t).ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	config.MaxConnLifetime = 250 * time.Millisecond
+	p, err := NewWithConfig(ctx, config, append(fast, WithLifetimeJitter(0))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	inner := p.Unwrap()
+
+	c, err := inner.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(config.MaxConnLifetime) // the test's own: the connection ages while held
+	c.Release()
+	// Puddle destroys it in a goroutine of its own; pgxpool's test sleeps
+	// 500ms for it, this one waits for the count.
+	for deadline := time.Now().Add(2 * time.Second); inner.Stat().TotalConns() != 0 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := inner.Stat().TotalConns(); n != 0 {
+		t.Errorf("after releasing a connection past its lifetime: %d connections, want 0", n)
+	}
+}

@@ -171,6 +171,13 @@ func WithDialerOptions(opts ...dialer.Option) Option {
 // connection is retired after MaxConnLifetime plus a uniform random part of
 // d. Zero turns it off. Default: the configuration's MaxConnLifetimeJitter,
 // or, when that is zero, MaxConnLifetime × [DefaultLifetimeJitterFraction].
+//
+// A connection past its own lifetime is retired when it is next acquired
+// (the acquire takes another) or by pgxpool's health check; pgxpool's check
+// at release retires it once it is past MaxConnLifetime + d. With d = 0 a
+// connection is retired when released, as pgxpool does. Retiring at release
+// within the jitter would need pgxpool's AfterRelease hook, which runs every
+// Release in a goroutine of its own.
 func WithLifetimeJitter(d time.Duration) Option {
 	return optionFunc(func(c *config) {
 		if d < 0 {

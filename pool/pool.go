@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -50,15 +51,20 @@ func New(ctx context.Context, connString string, opts ...Option) (*Pool, error) 
 }
 
 // NewWithConfig creates a pool from cfg, which must have been created by
-// pgxpool.ParseConfig. cfg is not modified: the pool works on a copy. The
+// pgxpool.ParseConfig (one that was not fails with [dialer.ErrInvalidOption],
+// where pgxpool panics). cfg is not modified: the pool works on a copy. The
 // copy's hooks (BeforeConnect, AfterConnect, PrepareConn or BeforeAcquire,
 // AfterRelease, BeforeClose, ShouldPing), ConnConfig.Tracer, DialFunc and
 // LookupFunc keep working: the gate wraps DialFunc, joins the tracer through
 // pgx's multitracer and wraps AfterConnect, PrepareConn and BeforeClose to
 // honour sub-second lifetime jitter.
 func NewWithConfig(ctx context.Context, cfg *pgxpool.Config, opts ...Option) (*Pool, error) {
-	if cfg == nil || cfg.ConnConfig == nil {
+	if cfg == nil {
 		return nil, invalid("NewWithConfig: nil *pgxpool.Config")
+	}
+	if !madeByParseConfig(cfg) || cfg.ConnConfig == nil || !madeByParseConfig(cfg.ConnConfig) {
+		return nil, invalid("NewWithConfig: a *pgxpool.Config not made by pgxpool.ParseConfig " +
+			"(pgxpool would panic): make it with pgxpool.ParseConfig(connString), then set its fields")
 	}
 	if cfg.MaxConns < 1 {
 		return nil, invalid("MaxConns %d: must be at least 1", cfg.MaxConns)
@@ -104,6 +110,15 @@ func NewWithConfig(ctx context.Context, cfg *pgxpool.Config, opts ...Option) (*P
 	}
 	p.metrics = metrics
 	return p, nil
+}
+
+// madeByParseConfig reports whether cfg, a *pgxpool.Config or a
+// *pgx.ConnConfig, says it was made by its package's ParseConfig, as pgxpool
+// and pgx check before they use it (they panic otherwise). It reads their
+// unexported flag, and reports true if a pgx release renames it.
+func madeByParseConfig(cfg any) bool {
+	f := reflect.ValueOf(cfg).Elem().FieldByName("createdByParseConfig")
+	return !f.IsValid() || f.Kind() != reflect.Bool || f.Bool()
 }
 
 func invalid(format string, args ...any) error {

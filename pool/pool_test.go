@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"reflect"
 	"strings"
@@ -530,5 +531,37 @@ func TestFleetFromTheConnectionString(t *testing.T) {
 	}
 	if got := p.Config().ConnConfig.RuntimeParams; got["pgstagger_fleet_size"] != "3" {
 		t.Errorf("Config().ConnConfig.RuntimeParams = %v, want the caller's configuration as given", got)
+	}
+}
+
+func TestNewWithConfigRefusesAConfigNotMadeByParseConfig(t *testing.T) {
+	ctx := context.Background()
+	parsed, err := pgx.ParseConfig("postgres://u:secret@127.0.0.1/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	replaced, err := pgxpool.ParseConfig("postgres://u:secret@127.0.0.1/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	replaced.ConnConfig = &pgx.ConnConfig{Config: parsed.Config}
+	for name, cfg := range map[string]*pgxpool.Config{
+		"zero":                                 {},
+		"a parsed ConnConfig in a literal":     {ConnConfig: parsed, MaxConns: 4},
+		"a parsed config with a literal inner": replaced,
+	} {
+		p, err := NewWithConfig(ctx, cfg)
+		if p != nil {
+			p.Close()
+		}
+		if !errors.Is(err, dialer.ErrInvalidOption) || !strings.Contains(fmt.Sprint(err), "not made by pgxpool.ParseConfig") {
+			t.Errorf("%s: err = %v; want ErrInvalidOption saying it was not made by pgxpool.ParseConfig", name, err)
+		}
+		if strings.Contains(fmt.Sprint(err), "secret") {
+			t.Errorf("%s: the error shows the password: %v", name, err)
+		}
+	}
+	if _, err := NewWithConfig(ctx, nil); !errors.Is(err, dialer.ErrInvalidOption) || !strings.Contains(err.Error(), "nil *pgxpool.Config") {
+		t.Errorf("nil config: err = %v", err)
 	}
 }
