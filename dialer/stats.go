@@ -23,6 +23,12 @@ type Stats struct {
 	HostsSkipped   int64 // dials not made to a backed-off host of a multi-host connection string while another host was up
 	Lost           int64 // sessions the server ended as it shut down or crashed (57P01, 57P02): the first of an outage sets the recovery state
 
+	// PlainAfterTLSRefused counts establishments whose server refused TLS
+	// and that pgx dialed again in plain text: sslmode=prefer, pgx's
+	// default, against a server without TLS. Each cost the postmaster two
+	// forks; the first is logged as a warning. Set sslmode explicitly.
+	PlainAfterTLSRefused int64
+
 	// What the pool last read of the server (zero before the first
 	// read; see pool.WithServerFacts), and the reconnect window it calls
 	// for.
@@ -59,31 +65,32 @@ func (d *Dialer) Stats() Stats {
 		return WaitStats{Count: w.Count.Load(), Total: time.Duration(w.Total.Load()), Waiting: w.Waiting.Load()}
 	}
 	return Stats{
-		Establishments: c.Establishments.Load(),
-		OK:             c.OK.Load(),
-		Transient:      c.Transient.Load(),
-		Permanent:      c.Permanent.Load(),
-		Closed:         c.Closed.Load(),
-		Shed:           c.Shed.Load(),
-		Retries:        c.Retries.Load(),
-		Dials:          c.Dials.Load(),
-		Refunds:        c.Refunds.Load(),
-		CancelDials:    c.CancelDials.Load(),
-		CancelsSkipped: c.CancelsSkipped.Load(),
-		CancelsShed:    c.CancelsShed.Load(),
-		HostsSkipped:   c.HostsSkipped.Load(),
-		Lost:           c.Lost.Load(),
-		ServerConns:    f.Held,
-		ServerPeakRate: f.PeakRate,
-		ServerFactsAt:  f.At,
-		RecoveryWindow: d.g.RecoveryWindow(),
-		ConnectLimit:   limit,
-		Baseline:       baseline,
-		Decreases:      decreases,
-		JitterWait:     wait(engine.WaitJitter),
-		RateWait:       wait(engine.WaitRate),
-		SlotWait:       wait(engine.WaitSlot),
-		PacerWait:      wait(engine.WaitPacer),
-		BackoffWait:    wait(engine.WaitBackoff),
+		Establishments:       c.Establishments.Load(),
+		OK:                   c.OK.Load(),
+		Transient:            c.Transient.Load(),
+		Permanent:            c.Permanent.Load(),
+		Closed:               c.Closed.Load(),
+		Shed:                 c.Shed.Load(),
+		Retries:              c.Retries.Load(),
+		Dials:                c.Dials.Load(),
+		Refunds:              c.Refunds.Load(),
+		CancelDials:          c.CancelDials.Load(),
+		CancelsSkipped:       c.CancelsSkipped.Load(),
+		CancelsShed:          c.CancelsShed.Load(),
+		HostsSkipped:         c.HostsSkipped.Load(),
+		Lost:                 c.Lost.Load(),
+		PlainAfterTLSRefused: c.PlainAfterTLSRefused.Load(),
+		ServerConns:          f.Held,
+		ServerPeakRate:       f.PeakRate,
+		ServerFactsAt:        f.At,
+		RecoveryWindow:       d.g.RecoveryWindow(),
+		ConnectLimit:         limit,
+		Baseline:             baseline,
+		Decreases:            decreases,
+		JitterWait:           wait(engine.WaitJitter),
+		RateWait:             wait(engine.WaitRate),
+		SlotWait:             wait(engine.WaitSlot),
+		PacerWait:            wait(engine.WaitPacer),
+		BackoffWait:          wait(engine.WaitBackoff),
 	}
 }

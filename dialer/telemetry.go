@@ -35,6 +35,11 @@ const (
 	// AttrPostmasterBaseline is the pacer's baseline when an establishment
 	// ended: the smallest postmaster response time seen, in seconds.
 	AttrPostmasterBaseline = engine.AttrPostmasterBaseline
+	// AttrTLSRefused is true on a connect span, and on its TLS handshake
+	// span, when the server refused TLS and pgx dialed again in plain text
+	// (sslmode=prefer against a server without TLS): see
+	// [Stats].PlainAfterTLSRefused.
+	AttrTLSRefused = engine.AttrTLSRefused
 )
 
 // Reasons for establishing a connection (the [AttrReason] attribute).

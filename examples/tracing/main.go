@@ -274,7 +274,7 @@ func describe(s sdktrace.ReadOnlySpan) string {
 	show := map[attribute.Key]bool{
 		dialer.AttrReason: true, dialer.AttrAttempt: true, dialer.AttrDials: true,
 		dialer.AttrPostmasterResponseTime: true, semconv.NetworkPeerPortKey: true,
-		semconv.ErrorTypeKey: true, "pgstagger.tls.refused": true,
+		semconv.ErrorTypeKey: true, dialer.AttrTLSRefused: true,
 	}
 	var parts []string
 	for _, a := range s.Attributes() {

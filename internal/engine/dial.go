@@ -175,6 +175,10 @@ type tracedConn struct {
 // sslRequestCode is the protocol's SSLRequest: length 8, code 80877103.
 var sslRequestCode = [8]byte{0, 0, 0, 8, 4, 210, 22, 47}
 
+// tlsRefused reports whether the server answered the connection's
+// SSLRequest with N: it has no TLS.
+func (c *tracedConn) tlsRefused() bool { return c.sslRequest.Load() && c.firstByte.Load() == 'N'+1 }
+
 func (c *tracedConn) Write(b []byte) (int, error) {
 	if c.firstWrite.Load() == 0 && c.firstWrite.CompareAndSwap(0, time.Now().UnixNano()) {
 		c.sslRequest.Store(len(b) >= 8 && [8]byte(b[:8]) == sslRequestCode)

@@ -80,6 +80,8 @@ type Gate struct {
 
 	hosts *hostHealth // backed-off hosts of multi-host connection strings
 
+	plainWarned atomic.Bool // the sslmode=prefer warning was logged
+
 	stats Counters
 }
 

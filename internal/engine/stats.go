@@ -11,7 +11,7 @@ type Counters struct {
 	Establishments, OK, Transient, Permanent, Closed atomic.Int64
 	Shed, Retries, Dials, Refunds, CancelDials       atomic.Int64
 	CancelsSkipped, HostsSkipped, CancelsShed        atomic.Int64
-	Lost                                             atomic.Int64
+	Lost, PlainAfterTLSRefused                       atomic.Int64
 
 	Waits [NumWaitKinds]WaitCounter // by kind
 }

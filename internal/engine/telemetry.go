@@ -36,6 +36,7 @@ const (
 	AttrDials                  = attribute.Key("pgstagger.dials")
 	AttrConnectLimit           = attribute.Key("pgstagger.connect.limit")
 	AttrPostmasterBaseline     = attribute.Key("pgstagger.postmaster.baseline")
+	AttrTLSRefused             = attribute.Key("pgstagger.tls.refused")
 
 	ReasonAcquire = "acquire"
 	ReasonConnect = "connect"
@@ -291,8 +292,8 @@ func (t *telemetry) emitDial(ctx context.Context, r *dialRecord, end time.Time, 
 			tlsEnd = nanos(nc)
 		}
 		_, tls := t.tracer.Start(ctx, SpanTLS, trace.WithTimestamp(phaseStart))
-		if b := r.conn.firstByte.Load(); b == 'N'+1 {
-			tls.SetAttributes(attribute.Bool("pgstagger.tls.refused", true))
+		if r.conn.tlsRefused() {
+			tls.SetAttributes(AttrTLSRefused.Bool(true))
 			tls.SetStatus(codes.Error, "server refused TLS")
 		}
 		tls.End(trace.WithTimestamp(tlsEnd))
@@ -303,6 +304,19 @@ func (t *telemetry) emitDial(ctx context.Context, r *dialRecord, end time.Time, 
 			trace.WithAttributes(AttrPostmasterResponseTime.Float64(rt.Seconds())))
 		su.End(trace.WithTimestamp(stop))
 	}
+}
+
+// fellBackToPlain reports whether the server refused TLS on one of dials
+// and pgx dialed again after it: sslmode=prefer (pgx's default, also when
+// the connection string sets none) against a server without TLS, which
+// forks a backend for each of the two.
+func fellBackToPlain(dials []*dialRecord) bool {
+	for i := 0; i+1 < len(dials); i++ {
+		if c := dials[i].conn; c != nil && c.tlsRefused() {
+			return true
+		}
+	}
+	return false
 }
 
 // endWait records one wait that startWait began: its metric, its span
@@ -356,6 +370,19 @@ func (g *Gate) report(e *establishment, err error, class Class, now time.Time) {
 	}
 	for _, r := range dials {
 		t.emitDial(ctx, r, now, recording)
+	}
+	plain := fellBackToPlain(dials)
+	if plain {
+		g.stats.PlainAfterTLSRefused.Add(1)
+		if recording {
+			e.span.SetAttributes(AttrTLSRefused.Bool(true))
+		}
+		if t.log != nil && g.plainWarned.CompareAndSwap(false, true) {
+			t.log.LogAttrs(ctx, slog.LevelWarn, "pgstagger: the server refused TLS and pgx dialed again in plain text "+
+				"(sslmode=prefer, pgx's default): each connection costs the postmaster two forks; set sslmode=disable, "+
+				"or require TLS on the server and sslmode=verify-full",
+				slog.String(string(t.poolAttr.Key), t.poolName))
+		}
 	}
 	t.attempts.Add(ctx, 1, metric.WithAttributeSet(t.outcomes[class]))
 	if class == OK {
