@@ -9,7 +9,8 @@
 //
 // [*Pool] has every method of *pgxpool.Pool with the same signature, and
 // [Pool.Unwrap] returns the *pgxpool.Pool itself for code that needs that
-// type, such as stdlib.OpenDBFromPool. Every connection the pool
+// type. [OpenDB] gives database/sql (GORM, ent, sqlx) a *sql.DB on the pool,
+// with the pool's retries. Every connection the pool
 // establishes, for an Acquire, for MinConns or for a health-check refill,
 // passes the gate of package [github.com/pgstagger/pgstagger/dialer]:
 // startup jitter, a token bucket on new connections, a cap on

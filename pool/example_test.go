@@ -103,3 +103,27 @@ func ExampleNewWithConfig() {
 	fmt.Println(p.Config().MaxConnLifetime) // the configuration as given
 	// Output: 30m0s
 }
+
+// database/sql with the pool's protections and retries, for code that needs
+// a *sql.DB: GORM (gorm.Open(postgres.New(postgres.Config{Conn: db}))), ent
+// (entsql.OpenDB(dialect.Postgres, db)), sqlx (sqlx.NewDb(db, "pgx")). A
+// call made while the server restarts waits for it, under its context.
+func ExampleOpenDB() {
+	ctx := context.Background()
+	p, err := pool.New(ctx, "postgres://app@db.internal/app?sslmode=disable&pool_max_conns=10")
+	if err != nil {
+		panic(err)
+	}
+	defer p.Close()
+	db := pool.OpenDB(p)
+	defer db.Close() // before p.Close: it returns the connections to p
+
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var n int
+	if err := db.QueryRowContext(ctx, "select count(*) from orders").Scan(&n); err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Println(n)
+}

@@ -125,10 +125,11 @@ func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{dialer.ErrInvalidOption}, args...)...)
 }
 
-// Unwrap returns the underlying *pgxpool.Pool for code that needs that type,
-// such as stdlib.OpenDBFromPool. Connections it establishes still pass the
-// gate (startup jitter, rate limit, connecting slots, recovery backoff);
-// only the retry loops of Pool's own methods are not there.
+// Unwrap returns the underlying *pgxpool.Pool for code that needs that type.
+// Connections it establishes still pass the gate (startup jitter, rate
+// limit, connecting slots, recovery backoff); only the retry loops of
+// Pool's own methods are not there. For database/sql use [OpenDB], which
+// keeps them, rather than stdlib.OpenDBFromPool(p.Unwrap()).
 func (p *Pool) Unwrap() *pgxpool.Pool { return p.p }
 
 // Dialer returns the pool's connection-establishment gate, for its
