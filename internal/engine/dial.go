@@ -24,6 +24,10 @@ func (g *Gate) lookupFunc(next pgconn.LookupFunc) pgconn.LookupFunc {
 				return nil, e.admitErr
 			}
 			e.netStart.CompareAndSwap(0, time.Now().UnixNano())
+			// Under the connect span, as the other phases are, even where
+			// a tracer after the hook (otelpgx) put a span of its own in
+			// ctx.
+			ctx = trace.ContextWithSpan(ctx, e.span)
 		}
 		if !trace.SpanFromContext(ctx).IsRecording() {
 			return next(ctx, host)

@@ -114,7 +114,7 @@ func New(cfg *Config) (*Gate, error) {
 
 // Install makes g gate every connection made with cfg: it wraps cfg's
 // DialFunc (or the default one), LookupFunc and OnPgError, and composes g's
-// connectHook with cfg.Tracer through pgx's multitracer. The first
+// connectHook with cfg.Tracer through pgx's multitracer, the hook first. The first
 // configuration g is installed on resolves its [Plan]: warm is how many
 // connections the process opens at start, forPool whether cfg is a pool's.
 func (g *Gate) Install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
@@ -154,7 +154,12 @@ func (g *Gate) Install(cfg *pgx.ConnConfig, warm int, forPool bool) error {
 	if cfg.Tracer == nil {
 		cfg.Tracer = hook
 	} else {
-		cfg.Tracer = multitracer.New(cfg.Tracer, hook)
+		// The hook goes first, the caller's tracer last: pgx's multitracer
+		// hands every TraceConnectEnd the context the last TraceConnectStart
+		// returned, and a tracer such as otelpgx ends the span it finds
+		// there. Last, that span is its own; the hook finds its
+		// establishment by a context value, wherever it stands.
+		cfg.Tracer = multitracer.New(hook, cfg.Tracer)
 	}
 	return nil
 }
