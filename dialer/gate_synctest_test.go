@@ -334,7 +334,8 @@ func TestSynctestFailuresOfOneOutageDoNotLengthenTheBackoff(t *testing.T) {
 			}
 			return f.dial(ctx, network, addr)
 		}
-		d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithMaxConnecting(2),
+		// Two in flight at once, the pacer off (it admits one first).
+		d, err := New(WithStartupJitter(0), WithConnectRate(rate.Inf, 1), WithMaxConnecting(2), WithResponseTarget(0),
 			WithBackOff(func() backoff.BackOff {
 				return backoff.NewExponentialBackOff(backoff.WithInitialInterval(time.Second),
 					backoff.WithMultiplier(2), backoff.WithRandomizationFactor(0))

@@ -19,12 +19,16 @@ import (
 // Defaults of a [Dialer] built with no options. Its first connections wait
 // a random part of a second; then the pacer lets connects reach the
 // postmaster as fast as it answers them near its idle response time, and no
-// faster: it starts with 2 connects awaiting the postmaster's answer,
+// faster: it starts with 1 connect awaiting the postmaster's answer,
 // doubles that while the response time stays within twice the smallest one
 // seen, and backs off when it rises past that or a connect fails
-// transiently. Whatever the pacer decides, a process opens at most 200 TCP
-// connections a second and has at most 32 establishments in flight, and
-// failed connects back off with full jitter.
+// transiently, down to one connect at a time, spaced (a fleet's processes
+// then keep the postmaster's queue short between them). A pool bounds the
+// smallest response time by what the server says of itself, and grows only
+// once it has read that (see pool.WithServerFacts). Whatever the pacer
+// decides, a process opens at most 200 TCP connections a second and has at
+// most 32 establishments in flight, and failed connects back off with full
+// jitter.
 const (
 	// DefaultStartupJitter is the window over which a new Dialer's first
 	// connection is delayed.

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -32,6 +33,11 @@ const factsPerConn = 10 * time.Millisecond
 // per backend: about n × 10µs per second in all too.
 const historyPerConn = 100 * time.Millisecond
 
+// firstGap is the wait after a pool's first read, ±15%: at least
+// engine's minFactsGap (500ms) apart, the growth between two reads counts
+// toward the peak rate.
+const firstGap = 600 * time.Millisecond
+
 // factsTimeout bounds the facts query: it should take a round trip.
 const factsTimeout = time.Second
 
@@ -39,9 +45,11 @@ const factsTimeout = time.Second
 // holds and tells the gate ([engine.Gate.LearnFacts]), so that after a
 // restart the fleet's reconnects spread over a window sized from what the
 // server held and how fast it took them on.
-// It never opens a connection: when a read is due, the next Acquire that
-// takes a connection from the pool runs it on that connection, in
-// ShouldPing, before the caller gets it. The first read is due at once,
+// It never opens a connection: when a read is due, the next connection the
+// pool establishes (in AfterConnect) or the next Acquire that takes one (in
+// ShouldPing) runs it, before the caller gets the connection. Both, because
+// a pool filling MinConns may hand its first connection to an Acquire only
+// once all of them are made: the read would come after the storm it is for. The first read is due at once,
 // the next 1s later, then 2s, 4s … up to every (a fleet that has just
 // started has not finished connecting; two reads a second apart see its
 // rate), each interval ±15% so that a fleet's reads do not line up. The
@@ -53,6 +61,7 @@ type serverFacts struct {
 	g     *engine.Gate
 	every time.Duration
 	rand  jitter.Rand
+	early bool // the first read reads the history too
 
 	due atomic.Bool // a read is due; the acquirer that clears it reads
 
@@ -68,12 +77,21 @@ type serverFacts struct {
 
 // newServerFacts installs the facts reader on inner's ShouldPing,
 // composing with the caller's (or pgxpool's default, a ping after a second
-// idle); it returns nil when every is 0.
+// idle); it returns nil when every is 0. A pool of more than one
+// connection reads the history at its first read too: the fastest rate
+// bounds its pacer's baseline ([engine.Gate.LearnFacts]), which matters
+// while the pool still has connects to make, perhaps inside a storm.
 func newServerFacts(inner *pgxpool.Config, g *engine.Gate, every time.Duration, r jitter.Rand) *serverFacts {
 	if every <= 0 {
 		return nil
 	}
-	f := &serverFacts{g: g, every: every, rand: r, interval: min(time.Second, every)}
+	f := &serverFacts{g: g, every: every, rand: r, interval: min(time.Second, every), early: inner.MaxConns > 1}
+	if f.early {
+		// The second read comes sooner, just far enough from the first
+		// for the growth between them to count as a rate.
+		f.interval = min(firstGap, every)
+		g.AwaitFacts()
+	}
 	f.due.Store(true)
 	shouldPing := inner.ShouldPing
 	if shouldPing == nil {
@@ -85,8 +103,23 @@ func newServerFacts(inner *pgxpool.Config, g *engine.Gate, every time.Duration, 
 		}
 		return shouldPing(ctx, p)
 	}
+	afterConnect := inner.AfterConnect
+	inner.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+		if afterConnect != nil {
+			if err := afterConnect(ctx, c); err != nil {
+				return err
+			}
+		}
+		if f.due.Load() && f.due.CompareAndSwap(true, false) && !f.read(c.PgConn()) {
+			return errFactsConn
+		}
+		return nil
+	}
 	return f
 }
+
+// errFactsConn discards a new connection that failed during the facts read.
+var errFactsConn = errors.New("pgstagger: the connection failed during the server facts read")
 
 // errFactsReply is a reply to the facts query with the wrong shape.
 var errFactsReply = errors.New("pgstagger: unexpected reply to the server facts query")
@@ -99,7 +132,7 @@ func (f *serverFacts) read(c *pgconn.PgConn) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), factsTimeout)
 	defer cancel()
 	now := time.Now()
-	history := f.reads == 1 || (f.reads > 1 && !now.Before(f.nextHistory))
+	history := f.reads == 1 || (f.reads == 0 && f.early) || (f.reads > 1 && !now.Before(f.nextHistory))
 	sql, columns := engine.FactsQuery, 1
 	if history {
 		sql, columns = engine.FactsHistoryQuery, 2
@@ -123,6 +156,9 @@ func (f *serverFacts) read(c *pgconn.PgConn) bool {
 		// reply of the wrong shape: no more reads.
 	default:
 		f.schedule(f.g.Facts().Held)
+	}
+	if err != nil || f.reads >= 2 {
+		f.g.FactsSettled()
 	}
 	return !c.IsClosed()
 }

@@ -102,6 +102,33 @@ func TestServerFactsAreReadOnAnAcquiredConnection(t *testing.T) {
 	}
 }
 
+// A pool filling MinConns reads the facts on its first new connection,
+// before any Acquire, and, having more than one connection to make, reads
+// the history too: the peak rate that bounds its pacer's baseline while it
+// still has connects to make.
+func TestServerFactsAreReadOnAFillingPoolsFirstConnection(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	holdOthers(t, c, 3)
+	p := newPool(t, c.ConnString("", "pool_max_conns=4", "pool_min_conns=4"), WithStartupJitter(0))
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Dialer().Stats().ServerFactsAt.IsZero() {
+		if time.Now().After(deadline) {
+			t.Fatal("no facts read within 10s of a pool filling MinConns with no Acquire")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	st := p.Dialer().Stats()
+	if st.ServerPeakRate < 1 {
+		t.Errorf("peak rate %v after the first read of a pool of 4, want the history's (at least 1)", st.ServerPeakRate)
+	}
+	if st.ServerConns < 4 {
+		t.Errorf("the server held %d connections, want at least ours and the 3 others", st.ServerConns)
+	}
+	if n := p.Stat().AcquireCount(); n != 0 {
+		t.Errorf("%d acquires: the read must not need one", n)
+	}
+}
+
 // countingTracer counts the queries a connection runs.
 type countingTracer struct{ queries atomic.Int32 }
 

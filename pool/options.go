@@ -197,16 +197,23 @@ func WithLifetimeJitter(d time.Duration) Option {
 // place in it, instead of all within the startup window; [WithFleet] sizes
 // that window itself, and its own wins. See [dialer.Dialer.RecoveryWindow].
 //
-// The count is one query, run when it is due by the next Acquire that takes
-// a connection from the pool, on that connection, before the caller gets
-// it: it never opens a connection, costs that caller one round trip, and
-// goes through pgconn, so query tracers do not see it. It stops for good if
-// the server cannot run it (an SQL proxy without PostgreSQL's statistics
-// functions). The first is due at once, the next after 1s, then 2s, 4s …
-// up to every, or 10ms per connection the server holds if that is longer
-// (a fleet's counts cost the server in all about 10µs per process and
-// second), each ±15%. Zero turns it off. Default
-// [DefaultServerFactsEvery] (30s).
+// The count is one query, run when it is due on the next connection the
+// pool establishes or the next Acquire takes, before the caller gets it: it
+// never opens a connection, costs one round trip, and goes through pgconn,
+// so query tracers do not see it. It stops for good if the server cannot
+// run it (an SQL proxy without PostgreSQL's statistics functions). The
+// first is due at once, the next after 1s, then 2s, 4s … up to every, or
+// 10ms per connection the server holds if that is longer (a fleet's counts
+// cost the server in all about 10µs per process and second), each ±15%.
+// Zero turns it off. Default [DefaultServerFactsEvery] (30s).
+//
+// A pool of more than one connection also uses the facts while it fills:
+// its first read includes the history, the second comes after 600ms, and
+// the fastest rate they show bounds the pacer's baseline (an idle connect
+// takes at most a round trip and two forks at that rate), so that a pool
+// started inside a fleet's storm does not take the storm's queue for the
+// server's idle speed. Its pacer's limit does not grow until those two
+// reads are done (or one failed).
 func WithServerFacts(every time.Duration) Option {
 	return optionFunc(func(c *config) {
 		if every < 0 {

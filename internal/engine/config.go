@@ -43,8 +43,10 @@ type Config struct {
 }
 
 // InitialConnecting is how many establishments a pacer admits at once
-// before it has learned anything (the MongoDB drivers' maxConnecting).
-const InitialConnecting = 2
+// before it has learned anything: one, whose answer is the baseline. (The
+// MongoDB drivers admit 2; a fleet of n processes starting together then
+// puts 2n connects in the postmaster's queue before any has an answer.)
+const InitialConnecting = 1
 
 // minFleetRate is the floor of the per-process rate a fleet derives: one
 // connection a minute, so that a huge fleet still lets each process replace

@@ -95,6 +95,9 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 			g.hosts.record(group, network, addr, err, time.Now())
 		}
 		r.end, r.err = time.Now(), err
+		if err == nil {
+			g.learnDialTime(r.end.Sub(r.start))
+		}
 		if conn != nil {
 			r.conn = &tracedConn{Conn: conn}
 			if e.pacerHeld.Load() {
@@ -106,6 +109,17 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 		e.dials = append(e.dials, r)
 		e.mu.Unlock()
 		return conn, err
+	}
+}
+
+// learnDialTime keeps the quickest TCP handshake seen: the kernel answers
+// it, not the postmaster, so it is the network's round trip.
+func (g *Gate) learnDialTime(d time.Duration) {
+	for {
+		old := g.dialRTT.Load()
+		if d = max(d, 1); old != 0 && old <= int64(d) || g.dialRTT.CompareAndSwap(old, int64(d)) {
+			return
+		}
 	}
 }
 

@@ -209,11 +209,11 @@ func (g *Gate) takePacerSlot(e *establishment) error {
 	if ok, inUse := g.pacer.tryTake(); ok {
 		e.pacerInUse = inUse
 		e.pacerHeld.Store(true)
-		return nil
+		return g.pacerSpacing(e)
 	}
 	start := g.startWait(WaitPacer)
-	defer func() { g.endWait(e.ctx, WaitPacer, start, time.Now()) }()
 	inUse, err := g.pacer.take(e.wait)
+	g.endWait(e.ctx, WaitPacer, start, time.Now())
 	if err != nil {
 		return g.waitError(e, WaitPacer, 0)
 	}
@@ -222,7 +222,14 @@ func (g *Gate) takePacerSlot(e *establishment) error {
 	if e.wait.Err() != nil {
 		return g.waitError(e, WaitPacer, 0)
 	}
-	return nil
+	return g.pacerSpacing(e)
+}
+
+// pacerSpacing waits, holding the pacer's one slot, until the pacer admits
+// the next establishment: below a limit of 1 it spaces them (see
+// [pacer.space]). The slot goes back when e ends, whatever the wait did.
+func (g *Gate) pacerSpacing(e *establishment) error {
+	return g.waitUntil(e, g.pacer.admitAt(), WaitPacer)
 }
 
 // answered is called when the server first answers on a connection of e,
@@ -230,8 +237,10 @@ func (g *Gate) takePacerSlot(e *establishment) error {
 // count, and rt is the pacer's sample.
 func (g *Gate) answered(e *establishment, rt time.Duration) {
 	if e.pacerHeld.CompareAndSwap(true, false) {
-		g.pacer.give()
+		// Learn first, so that the slot goes to the next establishment
+		// with the spacing this answer set.
 		g.pacer.succeeded(time.Now(), e.admitted, rt, e.pacerInUse)
+		g.pacer.give()
 	}
 }
 

@@ -61,10 +61,23 @@ const MaxRecoveryWindow = time.Minute
 // fast rate.
 const minFactsGap = 500 * time.Millisecond
 
+// idleForks bounds an idle connect's answer, after the round trip, in
+// units of the postmaster's time per fork: its own fork, and the child's
+// start up to its first byte, which on a server with cores to spare runs
+// beside the postmaster's next fork.
+const idleForks = 2
+
 // LearnFacts records that the server held held connections at at, with
 // peakStarts the most backends seen to start within one second (0: not
 // read), and the growth since the previous read as a rate, keeping the
 // fastest rate.
+//
+// The fastest rate also bounds the pacer's baseline: a postmaster that
+// forked PeakRate backends in a second spends at most 1/PeakRate on one, so
+// an idle connect answers within a round trip (the quickest TCP handshake
+// seen) and [idleForks] times that,
+// and a pacer that measured more (its first connects met a storm's queue)
+// takes that bound as its baseline instead.
 func (g *Gate) LearnFacts(held, peakStarts int, at time.Time) {
 	for {
 		old := g.facts.Load()
@@ -76,8 +89,29 @@ func (g *Gate) LearnFacts(held, peakStarts int, at time.Time) {
 			}
 		}
 		if g.facts.CompareAndSwap(old, &f) {
+			if g.pacer != nil && f.PeakRate > 0 {
+				g.pacer.capBaseline(time.Duration(g.dialRTT.Load()) + time.Duration(idleForks*float64(time.Second)/f.PeakRate))
+			}
 			return
 		}
+	}
+}
+
+// AwaitFacts tells the Gate that its pool will read the server's facts on
+// its first connections: until [Gate.FactsSettled], the pacer's limit does
+// not grow (see LearnFacts).
+func (g *Gate) AwaitFacts() {
+	if g.pacer != nil {
+		g.pacer.holdForFacts()
+	}
+}
+
+// FactsSettled ends AwaitFacts: the pool has read the facts twice, far
+// enough apart to see a fleet's rate (a storm that has just begun shows
+// little in its first second), or a read failed.
+func (g *Gate) FactsSettled() {
+	if g.pacer != nil {
+		g.pacer.factsRead()
 	}
 }
 

@@ -131,3 +131,43 @@ func TestSessionEndedByTheServerStartsOneOutage(t *testing.T) {
 		t.Fatal("a session established after the last outage did not start a new one")
 	}
 }
+
+// A pool whose first answers came from inside a storm learned the storm's
+// queue as its baseline; the peak rate the server reports bounds an idle
+// answer at a round trip and two forks' time, and the pacer takes that.
+func TestLearnFactsCapsTheBaselineAtTwoForksAndARoundTrip(t *testing.T) {
+	g := &Gate{pacer: newPacer(2, 1, 32, half)}
+	t0 := time.Unix(1_800_000_000, 0)
+	g.pacer.succeeded(t0.Add(700*time.Millisecond), t0, 700*time.Millisecond, 1)
+	g.learnDialTime(300 * time.Microsecond)
+	g.learnDialTime(time.Millisecond) // the quickest handshake is kept
+	g.LearnFacts(100, 0, t0)
+	if got := g.pacer.state().baseline; got != 700*time.Millisecond {
+		t.Fatalf("baseline %v with no rate known, want the 700ms measured", got)
+	}
+	g.LearnFacts(120, 40, t0.Add(time.Second)) // 40 forks a second: 25ms each
+	if got, want := g.pacer.state().baseline, 300*time.Microsecond+50*time.Millisecond; got != want {
+		t.Errorf("baseline %v after a peak of 40/s, want %v", got, want)
+	}
+}
+
+// A pool holds its pacer's limit until it has read the server's facts:
+// its first answers may be a storm's, and growth on them would feed it.
+func TestPacerHoldsItsGrowthUntilTheFactsSettle(t *testing.T) {
+	g := &Gate{pacer: newPacer(2, 1, 32, half)}
+	g.AwaitFacts()
+	t0 := time.Unix(1_800_000_000, 0)
+	now := t0
+	for range 5 {
+		now = now.Add(5 * time.Millisecond)
+		g.pacer.succeeded(now, now.Add(-5*time.Millisecond), 5*time.Millisecond, 1)
+	}
+	if got := g.pacer.state().limit; got != 1 {
+		t.Fatalf("limit %v before the facts, want the initial 1", got)
+	}
+	g.FactsSettled()
+	g.pacer.succeeded(now.Add(5*time.Millisecond), now, 5*time.Millisecond, 1)
+	if got := g.pacer.state().limit; got != 2 {
+		t.Errorf("limit %v after the facts and an idle answer, want 2", got)
+	}
+}

@@ -22,21 +22,28 @@ import (
 //
 //   - baseline is the smallest response time seen. It is kept across
 //     failures and restarts, and only falls: a baseline that followed a
-//     moving average would drift up under lasting load.
+//     moving average would drift up under lasting load. The server's facts
+//     bound it (capBaseline): a pacer whose first answers came from inside
+//     a storm measured the storm's queue, and would keep it.
 //   - smoothed is a moving average of recent response times (weight 1/4),
 //     so that one slow fork on a busy machine is not taken for a queue. A
-//     new baseline resets it: the queue was empty then.
+//     new baseline resets it: the queue was empty then. So does, below a
+//     limit of 1, an answer within allowed: such answers come one at a
+//     time, many baselines apart.
 //   - allowed is target × baseline, or baseline + pacerSlack if more.
 //   - smoothed ≤ allowed: the limit grows, by one per success below the
 //     slow-start threshold (doubling per round of connects) and by one per
-//     round above it; not while fewer than half of the slots were in use
-//     (a limit that was not the constraint says nothing).
+//     round above it, and below a limit of 1 doubles per answer; not while
+//     fewer than half of the slots were in use (a limit that was not the
+//     constraint says nothing), nor while a pool waits for the server's
+//     facts (holdForFacts).
 //   - smoothed > allowed: the limit is multiplied by allowed ÷ smoothed,
 //     kept within [1/2, 9/10] (a cut too small to matter would leave
 //     pacers sharing a server in a stalemate just above the target), at
 //     most once per round: an establishment admitted before the last
-//     decrease does not decrease it again. The slow-start threshold
-//     becomes the new limit.
+//     decrease does not decrease it again, unless smoothed is more than
+//     twice allowed (a deep queue's rounds are as long as the queue). The
+//     slow-start threshold becomes the new limit.
 //   - a transient failure (refused, 53300, 57P03, a timeout): the limit
 //     falls to one, a prober, and slow start doubles it from there.
 //   - every 10s or so (±15%, so that processes do not probe together), a
@@ -48,8 +55,13 @@ import (
 //     would hold its share at the first ones' expense (up to the target
 //     squared times the idle response time).
 //
-// The limit stays in [1, max]. With the pacer off (target 0) the limit is
-// max, fixed, and nothing is learned.
+// The limit stays in [minLimit, max]. Below 1 one establishment is in
+// flight at a time, and the next is admitted (1/limit − 1) baselines after
+// an answer (space): a fleet of n processes each holding one connect at the
+// postmaster would keep a queue of n, which every other client waits
+// behind (Swift's congestion window below one packet, for the same
+// reason). With the pacer off (target 0) the limit is max, fixed, and
+// nothing is learned.
 //
 // pacer's methods take the time as a parameter, so that the law can be
 // tested, and simulated, on a clock of the caller's.
@@ -70,6 +82,9 @@ type pacer struct {
 	nextProbe  time.Time     // guarded by mu: when to probe the baseline next; zero before the first answer
 	probeFrom  time.Time     // guarded by mu: when the probe under way began; zero when none is
 	probeLimit float64       // guarded by mu: the limit to return to after the probe
+	ceiling    time.Duration // guarded by mu: what the server's facts say an idle answer takes, at most (0: unknown)
+	notBefore  time.Time     // guarded by mu: below a limit of 1, when the next establishment may be admitted
+	awaitFacts bool          // guarded by mu: the limit does not grow until the server's facts come (see holdForFacts)
 }
 
 // pacerSlack is how far above the baseline the response time may always
@@ -78,6 +93,12 @@ type pacer struct {
 // a busy machine, not a postmaster's queue. It changes nothing for a
 // baseline of 2ms or more, where the target ratio allows more.
 const pacerSlack = 2 * time.Millisecond
+
+// minLimit is the smallest limit: one establishment in flight a sixty-fourth
+// of the time. Below one, a pacer spaces its connects (see notBefore): a
+// fleet of n pacers each holding one connect at the postmaster would keep a
+// queue of n, which is what the bystander waits behind.
+const minLimit = 1.0 / 64
 
 // probeEvery is how often a pacer probes its baseline, give or take 15%.
 const probeEvery = 10 * time.Second
@@ -170,15 +191,28 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 	default:
 		p.smoothed += (rt - p.smoothed) / 4
 	}
+	if p.ceiling > 0 && p.baseline > p.ceiling {
+		p.baseline = p.ceiling
+	}
+	allowed := math.Max(p.target*float64(p.baseline), float64(p.baseline+pacerSlack))
+	if p.limit < 1 && float64(rt) <= allowed {
+		// Below 1 answers come one at a time, baselines apart: an answer
+		// without a queue is the news, and an average over the queue
+		// that was would keep the pacer silent for as long again.
+		p.smoothed = rt
+	}
+	defer p.space(now)
 	if p.probe(now, admitted, inUse) {
 		return false
 	}
-	allowed := math.Max(p.target*float64(p.baseline), float64(p.baseline+pacerSlack))
 	if float64(p.smoothed) <= allowed {
-		if 2*inUse >= p.slots() {
-			if p.limit < p.ssthresh {
+		if 2*inUse >= p.slots() && !p.awaitFacts {
+			switch {
+			case p.limit < 1:
+				p.limit *= 2 // one establishment a round: slow start doubles per answer
+			case p.limit < p.ssthresh:
 				p.limit++
-			} else {
+			default:
 				p.limit += 1 / p.limit
 			}
 			p.limit = math.Min(p.limit, p.max)
@@ -186,8 +220,11 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 		}
 		return false
 	}
-	if !admitted.After(p.lastShrink) {
-		return false // this round was already answered
+	// A round is answered once; but a queue of more than twice the target
+	// is cut at every answer: its rounds are as long as the queue, and a
+	// halving per round would leave it for many.
+	if !admitted.After(p.lastShrink) && float64(p.smoothed) <= 2*allowed {
+		return false
 	}
 	p.shrink(now, min(math.Max(0.5, allowed/float64(p.smoothed)), 0.9))
 	return true
@@ -239,10 +276,66 @@ func (p *pacer) failed(now time.Time) bool {
 
 // shrink multiplies the limit by factor; p.mu is held.
 func (p *pacer) shrink(now time.Time, factor float64) {
-	p.limit = math.Max(1, p.limit*factor)
+	p.limit = math.Max(minLimit, p.limit*factor)
 	p.ssthresh = math.Max(p.limit, 2)
 	p.lastShrink = now
 	p.decreases++
+}
+
+// space sets when the next establishment may be admitted after an answer
+// at now: below a limit of 1 the pacer admits limit establishments per
+// baseline, one at a time, so the next waits (1/limit − 1) baselines. The
+// baseline, not the response time: a pacer that cut its limit inside a
+// deep queue would otherwise fall silent for as long as the queue was
+// deep, times 1/limit, and come back long after the queue drained; p.mu
+// is held.
+func (p *pacer) space(now time.Time) {
+	if p.limit >= 1 {
+		p.notBefore = time.Time{}
+		return
+	}
+	p.notBefore = now.Add(time.Duration(float64(p.baseline) * (1/p.limit - 1)))
+}
+
+// admitAt is when an establishment that holds a slot may go to the server:
+// at once (the zero time) unless the limit is below 1.
+func (p *pacer) admitAt() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.notBefore
+}
+
+// holdForFacts keeps the limit from growing until factsRead: a pool's first
+// answers may come from inside a storm, and a baseline learned there would
+// let the limit grow into the storm's queue before the server's facts
+// bound it (capBaseline). The pool reads them on its first connection.
+func (p *pacer) holdForFacts() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.awaitFacts = p.target > 0
+}
+
+// factsRead ends holdForFacts.
+func (p *pacer) factsRead() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.awaitFacts = false
+}
+
+// capBaseline tells the pacer that an idle answer takes at most ceiling,
+// from what the server says of itself (see [Gate.LearnFacts]): a pacer that
+// started inside a storm measured the storm's queue as its baseline, and
+// would keep it.
+func (p *pacer) capBaseline(ceiling time.Duration) {
+	if p.target == 0 || ceiling <= 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.ceiling = ceiling
+	if p.baseline > ceiling {
+		p.baseline = ceiling
+	}
 }
 
 // pacerState is what the pacer reports.

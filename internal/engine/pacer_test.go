@@ -55,13 +55,14 @@ func TestPacerShrinksOncePerRoundWhenResponseTimeRises(t *testing.T) {
 	p := newPacer(2, 16, 64, half)
 	round(p, t0, t0, 5*ms) // baseline 5ms
 	before := p.state().limit
-	// The server slows: 40ms answers. The moving average crosses 10ms on
-	// the third of them; the limit falls once for the round.
+	// The server slows: 18ms answers, a queue under twice the target. The
+	// moving average crosses 10ms on the third of them; the limit falls
+	// once for the round.
 	admitted := t0.Add(10 * ms)
 	now := t0.Add(50 * ms)
 	shrunk := 0
 	for range 8 {
-		if p.succeeded(now, admitted, 40*ms, int(before)) {
+		if p.succeeded(now, admitted, 18*ms, int(before)) {
 			shrunk++
 		}
 	}
@@ -74,11 +75,67 @@ func TestPacerShrinksOncePerRoundWhenResponseTimeRises(t *testing.T) {
 	}
 	// Establishments admitted after the decrease see the slow server too:
 	// the next round decreases again.
-	if !p.succeeded(now.Add(50*ms), now.Add(ms), 40*ms, int(st.limit)) {
+	if !p.succeeded(now.Add(50*ms), now.Add(ms), 18*ms, int(st.limit)) {
 		t.Error("a later round did not decrease")
 	}
 	if st := p.state(); st.baseline != 5*ms {
 		t.Errorf("baseline %v, want the smallest response time, 5ms", st.baseline)
+	}
+}
+
+func TestPacerCutsADeepQueueAtEveryAnswer(t *testing.T) {
+	p := newPacer(2, 32, 64, half)
+	round(p, t0, t0, 5*ms) // baseline 5ms, target 10ms
+	// Answers of one round come back from a queue of 40 times the target:
+	// each cuts, down to a fraction of one establishment in flight.
+	admitted, now := t0.Add(10*ms), t0.Add(500*ms)
+	for i := range 16 {
+		p.succeeded(now.Add(time.Duration(i)*ms), admitted, 400*ms, 32)
+	}
+	st := p.state()
+	if st.limit >= 1 || st.decreases < 8 {
+		t.Fatalf("after 16 answers from a deep queue: %+v, want a limit below 1", st)
+	}
+	// Below 1 the pacer spaces its admissions by baselines: limit l lets
+	// one in flight every 1/l baselines.
+	last := now.Add(15 * ms)
+	want := last.Add(time.Duration(float64(5*ms) * (1/st.limit - 1)))
+	if got := p.admitAt(); !got.Equal(want) {
+		t.Errorf("next admission at %v after the answer, want %v", got.Sub(last), want.Sub(last))
+	}
+	// Once the queue is gone, slow start doubles the fraction per answer.
+	l := st.limit
+	p.succeeded(want.Add(5*ms), want, 5*ms, 1)
+	if got := p.state().limit; got != 2*l {
+		t.Errorf("limit %v after an idle answer, want %v", got, 2*l)
+	}
+}
+
+func TestPacerBaselineCappedByTheServersFacts(t *testing.T) {
+	p := newPacer(2, 8, 64, half)
+	// The first answers came from inside a storm: a 600ms baseline.
+	round(p, t0, t0, 600*ms)
+	if st := p.state(); st.baseline != 600*ms || st.decreases != 0 {
+		t.Fatalf("state %+v", st)
+	}
+	// The server says it forks 40 backends a second: an idle answer takes
+	// 50ms or less, and 600ms is a queue.
+	p.capBaseline(50 * ms)
+	if got := p.state().baseline; got != 50*ms {
+		t.Fatalf("baseline %v after the cap, want 50ms", got)
+	}
+	if !p.succeeded(t0.Add(time.Second), t0.Add(700*ms), 600*ms, 8) {
+		t.Error("a 600ms answer against a 50ms baseline did not decrease the limit")
+	}
+	// A smaller answer still lowers it.
+	p.succeeded(t0.Add(2*time.Second), t0.Add(1900*ms), 20*ms, 1)
+	if got := p.state().baseline; got != 20*ms {
+		t.Errorf("baseline %v after a 20ms answer, want 20ms", got)
+	}
+	// A pacer that knows a smaller baseline keeps it.
+	p.capBaseline(50 * ms)
+	if got := p.state().baseline; got != 20*ms {
+		t.Errorf("baseline %v after a cap above it, want 20ms", got)
 	}
 }
 
@@ -239,7 +296,8 @@ func (s *simServer) serve(t time.Time) time.Time {
 }
 
 // simulate runs backlogged clients from start, each always connecting as
-// much as its pacer allows, against srv until until. It returns each
+// much as its pacer allows, when it allows (a pacer below one in flight
+// spaces its admissions), against srv until until. It returns each
 // client's limit after every answer it got, and every response time.
 func simulate(srv *simServer, pacers []*pacer, start, until time.Time) (limits [][]float64, rts []time.Duration) {
 	type pending struct {
@@ -248,32 +306,44 @@ func simulate(srv *simServer, pacers []*pacer, start, until time.Time) (limits [
 		done     time.Time
 		inUse    int
 	}
-	var queue []pending
+	var queue, spaced []pending // at the server; holding a slot, to be admitted at admitted
+	held := make([]bool, len(pacers))
 	now := start
 	limits = make([][]float64, len(pacers))
 	for now.Before(until) {
 		for c, p := range pacers {
-			for {
+			for !held[c] {
 				ok, n := p.tryTake()
 				if !ok {
+					break
+				}
+				if at := p.admitAt(); at.After(now) {
+					spaced, held[c] = append(spaced, pending{client: c, admitted: at, inUse: n}), true
 					break
 				}
 				queue = append(queue, pending{c, now, srv.serve(now), n})
 			}
 		}
 		sort.Slice(queue, func(i, j int) bool { return queue[i].done.Before(queue[j].done) })
+		sort.Slice(spaced, func(i, j int) bool { return spaced[i].admitted.Before(spaced[j].admitted) })
+		if len(spaced) > 0 && (len(queue) == 0 || spaced[0].admitted.Before(queue[0].done)) {
+			s := spaced[0]
+			spaced, held[s.client], now = spaced[1:], false, s.admitted
+			queue = append(queue, pending{s.client, now, srv.serve(now), s.inUse})
+			continue
+		}
 		next := queue[0]
 		queue = queue[1:]
 		now = next.done
 		p := pacers[next.client]
-		p.give()
 		rt := next.done.Sub(next.admitted)
 		rts = append(rts, rt)
 		p.succeeded(now, next.admitted, rt, next.inUse)
+		p.give()
 		limits[next.client] = append(limits[next.client], p.state().limit)
 	}
 	// What is still in flight is answered, as a real server would.
-	for _, q := range queue {
+	for _, q := range append(queue, spaced...) {
 		pacers[q.client].give()
 	}
 	return limits, rts
@@ -342,4 +412,36 @@ func TestPacerStartedUnderLoadFindsTheIdleBaselineByProbing(t *testing.T) {
 	}
 	t.Logf("mean limits over the last quarter: first %.1f, late %.1f; median response time %v",
 		mean(limits[0][len(limits[0])*3/4:]), mean(limits[1][len(limits[1])*3/4:]), median(last))
+}
+
+// A fleet of pacers sharing one postmaster, each knowing the idle
+// baseline from the server's facts (8ms: two 4ms forks): below one connect
+// in flight each, they keep its queue within twice their target of 16ms,
+// where forty pacers holding one connect each would keep forty in it
+// (160ms), and the server stays busy.
+func TestPacersBelowOneInFlightKeepAFleetsQueueShort(t *testing.T) {
+	const fleet, service = 40, 4 * ms
+	srv := newSimServer(1, service)
+	pacers := make([]*pacer, fleet)
+	for i := range pacers {
+		pacers[i] = newPacer(2, 1, 32, half)
+		pacers[i].capBaseline(2 * service)
+	}
+	const run = 60 * time.Second
+	limits, rts := simulate(srv, pacers, t0, t0.Add(run))
+	last := rts[len(rts)/2:]
+	if med := median(last); med > 8*service {
+		t.Errorf("median response time %v over the later half, want at most twice the 16ms target", med)
+	}
+	var total float64
+	for _, l := range limits {
+		total += l[len(l)-1]
+	}
+	if total >= fleet/4 {
+		t.Errorf("the fleet's limits sum to %.1f connects in flight, want far below one per pacer (%d)", total, fleet)
+	}
+	if got, most := float64(len(rts)), float64(run/service); got < 0.7*most {
+		t.Errorf("%v answers in %v, want at least 70%% of the %v the server could give", got, run, most)
+	}
+	t.Logf("median response time %v; limits sum to %.2f; %d answers of %d possible", median(last), total, len(rts), run/service)
 }
