@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -519,31 +520,12 @@ func TestRestartUnderLoad(t *testing.T) {
 	defer p.Close()
 
 	const workers = 8
-	type call struct {
-		start, end time.Time
-		err        error
-	}
-	calls := make(chan call, 100000)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				start := time.Now()
-				_, err := p.Exec(ctx, "select 1")
-				cancel()
-				calls <- call{start, time.Now(), err}
-			}
-		})
-	}
+	load := startCalls(workers, func(ctx context.Context) error {
+		_, err := p.Exec(ctx, "select 1")
+		return err
+	})
 	for range workers * 10 { // every worker is querying
-		if r := <-calls; r.err != nil {
+		if r := <-load.calls; r.err != nil {
 			t.Fatalf("before the restart: %v", r.err)
 		}
 	}
@@ -570,41 +552,7 @@ func TestRestartUnderLoad(t *testing.T) {
 	upAt := time.Now()
 
 	// Run on until every worker has succeeded again, several times.
-	var failed []call
-	for ok := 0; ok < workers*10; {
-		r := <-calls
-		switch {
-		case r.err != nil:
-			failed = append(failed, r)
-		case r.start.After(upAt):
-			ok++
-		}
-	}
-	close(stop)
-	wg.Wait()
-	for len(calls) > 0 {
-		if r := <-calls; r.err != nil {
-			failed = append(failed, r)
-		}
-	}
-
-	// A call that began once the server was down waited for it and
-	// succeeded: its deadline outlasted the outage. A call whose session the
-	// shutdown terminated got that error, not a connect error.
-	for _, f := range failed {
-		var pe *pgconn.PgError
-		var ce *pgconn.ConnectError
-		terminated := (errors.As(f.err, &pe) && pe.Code == "57P01") || // the backend's goodbye
-			errors.Is(f.err, io.ErrUnexpectedEOF) || errors.Is(f.err, io.EOF) || // or the closed socket
-			errors.Is(f.err, syscall.ECONNRESET) || errors.Is(f.err, syscall.EPIPE)
-		if f.start.After(stopped) || !terminated || errors.As(f.err, &ce) {
-			t.Errorf("call began %v after the stop began, ended %v after: %v", f.start.Sub(downAt), f.end.Sub(downAt), f.err)
-		}
-	}
-	// Each connection open at the stop fails at most one caller.
-	if len(failed) > 4 {
-		t.Errorf("%d calls failed, more than the pool's 4 connections", len(failed))
-	}
+	failed := load.checkRestart(t, workers*10, 4, downAt, stopped, upAt)
 
 	// While the server was down and coming back, the dials it could fork for
 	// never outran the bucket. Refused dials give their token back (nothing was
@@ -729,4 +677,96 @@ func TestCancelStormStaysWithinTheBudgetAndQueriesStillCancel(t *testing.T) {
 		t.Errorf("%d cancels not sent; stats %+v", s.CancelsShed, s)
 	}
 	t.Logf("%d dials in the storm over %v; stats %+v", len(storm), storm[len(storm)-1].Sub(stormAt), p.Dialer().Stats())
+}
+
+// call is one call of a load's worker.
+type call struct {
+	start, end time.Time
+	err        error
+}
+
+// callLoad is workers calling op in a loop, each call with a 20s deadline,
+// until stopAfter.
+type callLoad struct {
+	calls chan call
+	stop  chan struct{}
+	wg    sync.WaitGroup
+}
+
+func startCalls(workers int, op func(context.Context) error) *callLoad {
+	l := &callLoad{calls: make(chan call, 100000), stop: make(chan struct{})}
+	for range workers {
+		l.wg.Go(func() {
+			for {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				start := time.Now()
+				err := op(ctx)
+				cancel()
+				l.calls <- call{start, time.Now(), err}
+			}
+		})
+	}
+	return l
+}
+
+// stopAfter runs the load until n calls begun after upAt have succeeded,
+// stops it and returns every call that failed meanwhile.
+func (l *callLoad) stopAfter(n int, upAt time.Time) (failed []call) {
+	for ok := 0; ok < n; {
+		r := <-l.calls
+		switch {
+		case r.err != nil:
+			failed = append(failed, r)
+		case r.start.After(upAt):
+			ok++
+		}
+	}
+	close(l.stop)
+	l.wg.Wait()
+	for len(l.calls) > 0 {
+		if r := <-l.calls; r.err != nil {
+			failed = append(failed, r)
+		}
+	}
+	return failed
+}
+
+// checkRestart runs the load on until n calls begun after upAt have
+// succeeded, then checks the calls that failed since the stop began at
+// downAt (and returned at stopped): only calls begun before stopped, whose
+// session the shutdown ended, at most one per connection of the pool
+// (conns). A call begun once the server was down waited for it and
+// succeeded: its deadline outlasted the outage.
+func (l *callLoad) checkRestart(t *testing.T, n, conns int, downAt, stopped, upAt time.Time) (failed []call) {
+	t.Helper()
+	failed = l.stopAfter(n, upAt)
+	for _, f := range failed {
+		if f.start.After(stopped) || !endedByShutdown(f.err) {
+			t.Errorf("call began %v after the stop began, ended %v after: %v", f.start.Sub(downAt), f.end.Sub(downAt), f.err)
+		}
+	}
+	if len(failed) > conns {
+		t.Errorf("%d calls failed, more than the pool's %d connections", len(failed), conns)
+	}
+	return failed
+}
+
+// endedByShutdown reports whether err is a call's whose session a server
+// shutdown terminated: the backend's goodbye (57P01) or the closed socket,
+// not a failure to connect.
+func endedByShutdown(err error) bool {
+	var pe *pgconn.PgError
+	var ce *pgconn.ConnectError
+	if errors.As(err, &ce) || errors.Is(err, sql.ErrConnDone) {
+		return false
+	}
+	return (errors.As(err, &pe) && pe.Code == "57P01") ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		strings.Contains(err.Error(), "conn closed")
 }

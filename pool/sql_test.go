@@ -2,16 +2,8 @@ package pool
 
 import (
 	"context"
-	"database/sql"
-	"errors"
-	"io"
-	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgstagger/pgstagger/internal/testdb"
 )
@@ -28,32 +20,12 @@ func TestOpenDBCallsDuringARestartSucceedOnceTheServerIsBack(t *testing.T) {
 	defer db.Close()
 
 	const workers = 8
-	type call struct {
-		start, end time.Time
-		err        error
-	}
-	calls := make(chan call, 100000)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				start := time.Now()
-				var n int
-				err := db.QueryRowContext(ctx, "select 1").Scan(&n)
-				cancel()
-				calls <- call{start, time.Now(), err}
-			}
-		})
-	}
+	load := startCalls(workers, func(ctx context.Context) error {
+		var n int
+		return db.QueryRowContext(ctx, "select 1").Scan(&n)
+	})
 	for range workers * 10 {
-		if r := <-calls; r.err != nil {
+		if r := <-load.calls; r.err != nil {
 			t.Fatalf("before the restart: %v", r.err)
 		}
 	}
@@ -86,41 +58,11 @@ func TestOpenDBCallsDuringARestartSucceedOnceTheServerIsBack(t *testing.T) {
 	}
 	upAt := time.Now()
 
-	var failed []call
-	for ok := 0; ok < workers*10; {
-		r := <-calls
-		switch {
-		case r.err != nil:
-			failed = append(failed, r)
-		case r.start.After(upAt):
-			ok++
-		}
-	}
-	close(stop)
-	wg.Wait()
-	for len(calls) > 0 {
-		if r := <-calls; r.err != nil {
-			failed = append(failed, r)
-		}
-	}
-	for _, f := range failed {
-		var pe *pgconn.PgError
-		var ce *pgconn.ConnectError
-		terminated := (errors.As(f.err, &pe) && pe.Code == "57P01") ||
-			errors.Is(f.err, io.ErrUnexpectedEOF) || errors.Is(f.err, io.EOF) ||
-			errors.Is(f.err, syscall.ECONNRESET) || errors.Is(f.err, syscall.EPIPE) ||
-			strings.Contains(f.err.Error(), "conn closed")
-		if f.start.After(stopped) || !terminated || errors.As(f.err, &ce) || errors.Is(f.err, sql.ErrConnDone) {
-			t.Errorf("call began %v after the stop began, ended %v after: %v", f.start.Sub(downAt), f.end.Sub(downAt), f.err)
-		}
-	}
+	failed := load.checkRestart(t, workers*10, maxConns, downAt, stopped, upAt)
 	for range late {
 		if err := <-lateErrs; err != nil {
 			t.Errorf("a call begun while the server was down failed: %v", err)
 		}
-	}
-	if len(failed) > maxConns {
-		t.Errorf("%d calls failed, more than the pool's %d connections", len(failed), maxConns)
 	}
 	t.Logf("outage %v; %d calls failed; stats %+v", upAt.Sub(stopped), len(failed), p.Dialer().Stats())
 }
