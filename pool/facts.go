@@ -1,8 +1,11 @@
 package pool
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"strconv"
 	"strings"
 	"sync"
@@ -49,14 +52,16 @@ const factsTimeout = time.Second
 // pool establishes (in AfterConnect) or the next Acquire that takes one (in
 // ShouldPing) runs it, before the caller gets the connection. Both, because
 // a pool filling MinConns may hand its first connection to an Acquire only
-// once all of them are made: the read would come after the storm it is for. The first read is due at once,
-// the next 1s later, then 2s, 4s … up to every (a fleet that has just
-// started has not finished connecting; two reads a second apart see its
-// rate), each interval ±15% so that a fleet's reads do not line up. The
-// second read also reads when the backends started (by then a fleet that
-// started together has, and its fastest second shows), and so does a later
-// one at most every 4 × every, or historyPerConn per connection held if
-// that is longer. The hot path pays one atomic load.
+// once all of them are made: the read would come after the storm it is
+// for. The first read is due at once, the next 1s later (600ms for a pool
+// of more than one connection, see newServerFacts), then twice as long
+// each time up to every (a fleet that has just started has not finished
+// connecting; two reads apart see its rate), each interval ±15% so that a
+// fleet's reads do not line up. The second read also reads when the
+// backends started (by then a fleet that started together has, and its
+// fastest second shows), and so does a later one at most every 4 × every,
+// or historyPerConn per connection held if that is longer. The hot path
+// pays one atomic load.
 type serverFacts struct {
 	g     *engine.Gate
 	every time.Duration
@@ -98,8 +103,10 @@ func newServerFacts(inner *pgxpool.Config, g *engine.Gate, every time.Duration, 
 		shouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool { return p.IdleDuration > time.Second }
 	}
 	inner.ShouldPing = func(ctx context.Context, p pgxpool.ShouldPingParams) bool {
-		if f.due.Load() && f.due.CompareAndSwap(true, false) && !f.read(p.Conn.PgConn()) {
-			return true // the connection failed: pgxpool's ping finds out
+		if f.due.Load() && f.due.CompareAndSwap(true, false) {
+			if err := f.read(p.Conn.PgConn()); err != nil {
+				return true // the connection failed: pgxpool's ping finds out
+			}
 		}
 		return shouldPing(ctx, p)
 	}
@@ -110,15 +117,20 @@ func newServerFacts(inner *pgxpool.Config, g *engine.Gate, every time.Duration, 
 				return err
 			}
 		}
-		if f.due.Load() && f.due.CompareAndSwap(true, false) && !f.read(c.PgConn()) {
-			return errFactsConn
+		if f.due.Load() && f.due.CompareAndSwap(true, false) {
+			if err := f.read(c.PgConn()); err != nil {
+				// The new connection closed under the read: pgxpool
+				// discards it, and the error's class (a timeout, a
+				// reset: transient) lets Pool's methods retry.
+				return fmt.Errorf("%w: %w", errFactsConn, err)
+			}
 		}
 		return nil
 	}
 	return f
 }
 
-// errFactsConn discards a new connection that failed during the facts read.
+// errFactsConn wraps why a new connection failed during the facts read.
 var errFactsConn = errors.New("pgstagger: the connection failed during the server facts read")
 
 // errFactsReply is a reply to the facts query with the wrong shape.
@@ -127,8 +139,8 @@ var errFactsReply = errors.New("pgstagger: unexpected reply to the server facts 
 // read runs the facts query on c and schedules the next read, unless the
 // server cannot run the query ([cannotRun]). It goes through pgconn, below
 // pgx's query tracers and statement cache: the caller's tracer does not see
-// it. It reports whether c is still usable.
-func (f *serverFacts) read(c *pgconn.PgConn) bool {
+// it. It returns nil while c is still usable, and otherwise what closed it.
+func (f *serverFacts) read(c *pgconn.PgConn) (closedBy error) {
 	ctx, cancel := context.WithTimeout(context.Background(), factsTimeout)
 	defer cancel()
 	now := time.Now()
@@ -160,7 +172,10 @@ func (f *serverFacts) read(c *pgconn.PgConn) bool {
 	if err != nil || f.reads >= 2 {
 		f.g.FactsSettled()
 	}
-	return !c.IsClosed()
+	if c.IsClosed() {
+		return cmp.Or(err, io.ErrUnexpectedEOF)
+	}
+	return nil
 }
 
 // cannotRun reports whether err says the server cannot run the facts

@@ -75,9 +75,9 @@ const idleForks = 2
 // The fastest rate also bounds the pacer's baseline: a postmaster that
 // forked PeakRate backends in a second spends at most 1/PeakRate on one, so
 // an idle connect answers within a round trip (the quickest TCP handshake
-// seen) and [idleForks] times that,
-// and a pacer that measured more (its first connects met a storm's queue)
-// takes that bound as its baseline instead.
+// seen) and [idleForks] times that, and a pacer that measured more (its
+// first connects met a storm's queue) takes that bound as its baseline
+// instead.
 func (g *Gate) LearnFacts(held, peakStarts int, at time.Time) {
 	for {
 		old := g.facts.Load()
