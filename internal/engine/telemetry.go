@@ -122,7 +122,7 @@ func newTelemetry(cfg *Config) (*telemetry, error) {
 		metric.WithDescription("Time connection establishments waited in pgstagger's gate, by kind of wait."))
 	err = errors.Join(err, e)
 	t.limit, e = m.Float64ObservableGauge("pgstagger.connect.limit", metric.WithUnit("{connection}"),
-		metric.WithDescription("Connects the pacer lets await the postmaster's answer at once."))
+		metric.WithDescription("Connects the pacer lets await the postmaster's answer at once; below 1, the share of the time one does."))
 	err = errors.Join(err, e)
 	t.baseline, e = m.Float64ObservableGauge("pgstagger.postmaster.baseline", metric.WithUnit("s"),
 		metric.WithDescription("The smallest postmaster response time seen: the pacer's idle baseline."))
