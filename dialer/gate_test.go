@@ -45,6 +45,7 @@ func TestBucketHoldsAgainstRealServer(t *testing.T) {
 	}
 	before := db(t).ConnectionsReceived()
 	var wg sync.WaitGroup
+	start := time.Now()
 	conns := make(chan *pgx.Conn, n)
 	for range n {
 		wg.Go(func() {
@@ -65,15 +66,19 @@ func TestBucketHoldsAgainstRealServer(t *testing.T) {
 		t.Errorf("server accepted %d connections, want %d", got, n)
 	}
 	slices.SortFunc(dials, func(a, b time.Time) int { return a.Compare(b) })
-	// Token k is available 1/r after token k-1: the k-th dial cannot come
-	// before k/r after the first.
+	// The bucket holds at most one token at start and gains one every 1/r:
+	// the k-th dial cannot come before k/r after start. (Not after the first
+	// dial: what pgconn does between the token and its dial took 0.1–3.5 ms
+	// on one machine, more on a process's first connect, and that would
+	// make a late first dial the reference.) The margin only absorbs the
+	// bucket's floating-point arithmetic.
 	for k := 1; k < len(dials); k++ {
 		min := time.Duration(float64(k) / r * float64(time.Second))
-		if got := dials[k].Sub(dials[0]); got < min-2*time.Millisecond {
+		if got := dials[k].Sub(start); got < min-100*time.Microsecond {
 			t.Errorf("dial %d at +%v, before the bucket allows (+%v)", k, got, min)
 		}
 	}
-	if total, want := dials[len(dials)-1].Sub(dials[0]), time.Duration(float64(n-1)/r*float64(time.Second)); total > 4*want {
+	if total, want := dials[len(dials)-1].Sub(start), time.Duration(float64(n-1)/r*float64(time.Second)); total > 4*want {
 		t.Errorf("%d connects took %v, want about %v", n, total, want)
 	}
 }
