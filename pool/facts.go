@@ -120,9 +120,11 @@ func newServerFacts(inner *pgxpool.Config, g *engine.Gate, every time.Duration, 
 		if f.due.Load() && f.due.CompareAndSwap(true, false) {
 			if err := f.read(c.PgConn()); err != nil {
 				// The new connection closed under the read: pgxpool
-				// discards it, and the error's class (a timeout, a
-				// reset: transient) lets Pool's methods retry.
-				return fmt.Errorf("%w: %w", errFactsConn, err)
+				// discards it. No caller's query ran on it, so it
+				// is an establishment failure, and its class (a
+				// timeout, a reset: transient) lets Pool's methods
+				// retry.
+				return &engine.SetupError{Err: fmt.Errorf("%w: %w", errFactsConn, err)}
 			}
 		}
 		return nil

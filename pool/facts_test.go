@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -243,5 +244,67 @@ func TestCannotRunStopsTheReadsOnlyForAnUnknownFunctionOrShape(t *testing.T) {
 		if got := cannotRun(c.err); got != c.stop {
 			t.Errorf("cannotRun(%v) = %v, want %v", c.err, got, c.stop)
 		}
+	}
+}
+
+// dropWrites is a connection whose writes, once dropped is set, are
+// discarded as a hung server's would go unanswered.
+type dropWrites struct {
+	net.Conn
+	dropped *atomic.Bool
+}
+
+func (c dropWrites) Write(b []byte) (int, error) {
+	if c.dropped.Load() {
+		return len(b), nil
+	}
+	return c.Conn.Write(b)
+}
+
+// A connection that stops answering during the facts read on it, in
+// AfterConnect, fails before any caller's query ran: the pool retries the
+// acquire on a new connection instead of failing the caller.
+func TestAConnectionLostDuringTheFactsReadIsRetried(t *testing.T) {
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString("", "pool_max_conns=2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dials atomic.Int32
+	var last atomic.Pointer[atomic.Bool]
+	var nd net.Dialer
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := nd.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		dials.Add(1)
+		dropped := new(atomic.Bool)
+		last.Store(dropped)
+		return dropWrites{conn, dropped}, nil
+	}
+	var hung atomic.Bool
+	cfg.AfterConnect = func(context.Context, *pgx.Conn) error {
+		// The caller's AfterConnect runs before the facts read: hang the
+		// first connection there.
+		if hung.CompareAndSwap(false, true) {
+			last.Load().Store(true)
+		}
+		return nil
+	}
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := p.Acquire(ctx)
+	if err != nil {
+		t.Fatalf("acquire after the first connection hung in the facts read: %v", err)
+	}
+	c.Release()
+	// pgconn also dials a CancelRequest for the timed-out read.
+	if n, s := dials.Load(), p.Dialer().Stats(); int64(n)-s.CancelDials != 2 || s.Retries != 1 {
+		t.Errorf("%d dials (%d cancels) and %d retries, want 2 connections and 1 retry: the hung one, then a new one", n, s.CancelDials, s.Retries)
 	}
 }

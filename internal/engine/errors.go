@@ -222,9 +222,19 @@ func sqlStateClass(code string) Class {
 	return Permanent
 }
 
+// SetupError is an error of a new connection's set-up after pgconn's
+// connect and before the pool hands it out (the pool's server facts read in
+// AfterConnect): an establishment failure, which the retry loop classifies
+// as it does a connect's, since no caller's query ran on the connection.
+type SetupError struct{ Err error }
+
+func (e *SetupError) Error() string { return e.Err.Error() }
+func (e *SetupError) Unwrap() error { return e.Err }
+
 // isEstablishment reports whether err came from establishing a connection (so
 // no query ran and retrying cannot repeat one).
 func isEstablishment(err error) bool {
 	var ce *pgconn.ConnectError
-	return errors.As(err, &ce) || errors.Is(err, ErrShed) || errors.Is(err, ErrClosed)
+	var se *SetupError
+	return errors.As(err, &ce) || errors.As(err, &se) || errors.Is(err, ErrShed) || errors.Is(err, ErrClosed)
 }
