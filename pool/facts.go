@@ -41,7 +41,9 @@ const historyPerConn = 100 * time.Millisecond
 // toward the peak rate.
 const firstGap = 600 * time.Millisecond
 
-// factsTimeout bounds the facts query: it should take a round trip.
+// factsTimeout bounds the facts query: it should take a round trip. On a
+// server whose connects take longer than half of it, twice a connect's
+// time bounds it instead (see read).
 const factsTimeout = time.Second
 
 // serverFacts counts the server's connections on a connection the pool
@@ -143,7 +145,10 @@ var errFactsReply = errors.New("pgstagger: unexpected reply to the server facts 
 // pgx's query tracers and statement cache: the caller's tracer does not see
 // it. It returns nil while c is still usable, and otherwise what closed it.
 func (f *serverFacts) read(c *pgconn.PgConn) (closedBy error) {
-	ctx, cancel := context.WithTimeout(context.Background(), factsTimeout)
+	// A server whose connects take seconds is saturated, and answers a
+	// query as slowly: a read that timed out would close a connection
+	// that cost a fork and a place in its queue.
+	ctx, cancel := context.WithTimeout(context.Background(), max(factsTimeout, 2*f.g.ConnectTime()))
 	defer cancel()
 	now := time.Now()
 	history := f.reads == 1 || (f.reads == 0 && f.early) || (f.reads > 1 && !now.Before(f.nextHistory))

@@ -308,3 +308,60 @@ func TestAConnectionLostDuringTheFactsReadIsRetried(t *testing.T) {
 		t.Errorf("%d dials (%d cancels) and %d retries, want 2 connections and 1 retry: the hung one, then a new one", n, s.CancelDials, s.Retries)
 	}
 }
+
+// delayWrites is a connection whose writes, once delay is set, each wait
+// that long first, as on a server too saturated to read them sooner.
+type delayWrites struct {
+	net.Conn
+	delay *atomic.Int64
+}
+
+func (c delayWrites) Write(b []byte) (int, error) {
+	time.Sleep(time.Duration(c.delay.Load()))
+	return c.Conn.Write(b)
+}
+
+// On a server whose connects take seconds, the facts read waits as long
+// as a connect takes: a read given up after a second would close a
+// connection the saturated server took seconds to fork, and the caller's
+// retry would queue again.
+func TestTheFactsReadWaitsAsLongAsConnectsTake(t *testing.T) {
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString("", "pool_max_conns=2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dials atomic.Int32
+	var last atomic.Pointer[atomic.Int64]
+	var nd net.Dialer
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		time.Sleep(time.Second) // a connect of a second or more
+		conn, err := nd.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		dials.Add(1)
+		delay := new(atomic.Int64)
+		last.Store(delay)
+		return delayWrites{conn, delay}, nil
+	}
+	cfg.AfterConnect = func(context.Context, *pgx.Conn) error {
+		// The facts read, next, is answered 1.5s later.
+		last.Load().Store(int64(1500 * time.Millisecond))
+		return nil
+	}
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := p.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Release()
+	if n, s := dials.Load(), p.Dialer().Stats(); n != 1 || s.ServerFactsAt.IsZero() {
+		t.Errorf("%d dials, facts read at %v: want one connection, kept, and the facts read on it", n, s.ServerFactsAt)
+	}
+}
