@@ -24,7 +24,7 @@ type workerPool interface {
 // runConfig is one fleet start.
 type runConfig struct {
 	name     string
-	url      string
+	srv      *server
 	fleet    int           // workers, each with a pool of its own
 	conns    int           // connections each worker needs
 	deadline time.Duration // each worker's deadline, from the fleet's start
@@ -35,6 +35,8 @@ type runConfig struct {
 	// settle is how long a restart run lets the warmed-up fleet run
 	// before the restart.
 	settle time.Duration
+	// every is a restart run's interval between each worker's queries.
+	every time.Duration
 }
 
 // runResult is what one fleet start did.
@@ -56,17 +58,18 @@ type runResult struct {
 // deadline; it is ready when all succeeded. A bystander connects every 25ms
 // throughout.
 func runFleet(ctx context.Context, cfg runConfig, by *bystander, progress bool) (runResult, error) {
-	base, err := pgxpool.ParseConfig(cfg.url)
+	base, err := pgxpool.ParseConfig(cfg.srv.url)
 	if err != nil {
 		return runResult{}, err
 	}
 	base.MaxConns = int32(cfg.conns)
 	base.MinConns = int32(cfg.conns)
 	var dials atomic.Int64
-	var nd net.Dialer
+	cfg.srv.configure(&base.ConnConfig.Config)
+	dial := base.ConnConfig.DialFunc
 	base.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		dials.Add(1)
-		return nd.DialContext(ctx, network, addr)
+		return dial(ctx, network, addr)
 	}
 
 	byCtx, stopBy := context.WithCancel(ctx)

@@ -45,6 +45,14 @@ type options struct {
 	budget    float64
 	chart     string
 	bystander time.Duration // interval between the bystander's connects
+	every     time.Duration // restart: each worker's interval between queries
+
+	simulate  bool   // against the simulated postmaster, on simulated time
+	model     string // the simulated postmaster's model, from -calibrate ('' built in)
+	capacity  string // overrides the model's capacity
+	calibrate string // measure the server, write the model here, and stop
+
+	srv *server
 }
 
 // maxWindow bounds the pgstagger run when -fleet is not given: on a server
@@ -62,6 +70,11 @@ func run() error {
 	flag.DurationVar(&o.deadline, "deadline", 30*time.Second, "each worker's deadline, from the fleet's start")
 	flag.Float64Var(&o.budget, "budget", 0, "new connections per second the server should absorb from the whole fleet (0: half the measured capacity)")
 	flag.StringVar(&o.chart, "chart", "stampede.svg", "SVG chart of the bystander's connect latency ('' for none)")
+	flag.DurationVar(&o.every, "query-every", 100*time.Millisecond, "restart: each worker's interval between queries")
+	flag.BoolVar(&o.simulate, "simulate", false, "run against a simulated postmaster on simulated time (see -model, -capacity)")
+	flag.StringVar(&o.model, "model", "", "with -simulate: the postmaster's model, a file written by -calibrate (empty: a 2-core development machine's)")
+	flag.StringVar(&o.capacity, "capacity", "", "with -simulate: connects per second at saturation, the model's curve scaled to it (1400), or backends:rate points (0:1400,1500:900)")
+	flag.StringVar(&o.calibrate, "calibrate", "", "measure the server (-url or the throwaway cluster) for -simulate, write its model to this file, and stop")
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) {
 		o.fleetSet = o.fleetSet || f.Name == "fleet"
@@ -76,16 +89,23 @@ func run() error {
 			o.conns = 25
 		}
 	}
-	if o.fleet < 1 || o.conns < 1 || o.deadline <= 0 || o.budget < 0 {
-		return fmt.Errorf("-fleet and -conns must be at least 1, -deadline positive and -budget not negative")
+	if o.fleet < 1 || o.conns < 1 || o.deadline <= 0 || o.budget < 0 || o.every <= 0 {
+		return fmt.Errorf("-fleet and -conns must be at least 1, -deadline and -query-every positive and -budget not negative")
+	}
+	if o.simulate {
+		if o.url != "" || o.calibrate != "" {
+			return fmt.Errorf("-simulate runs against the simulated postmaster: not with -url or -calibrate")
+		}
+		return simulate(o)
+	}
+	if o.model != "" || o.capacity != "" {
+		return fmt.Errorf("-model and -capacity describe the simulated postmaster: use them with -simulate")
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	progress := isTerminal(os.Stderr)
 	out := os.Stdout
-
-	var cluster *testdb.Cluster
+	o.srv = &server{url: o.url}
 	if o.url == "" {
 		fmt.Fprintf(out, "starting a throwaway PostgreSQL cluster (max_connections %d)...\n", o.fleet*o.conns+100)
 		c, err := testdb.Start(testdb.Options{Settings: map[string]string{
@@ -97,14 +117,22 @@ func run() error {
 			return err
 		}
 		defer c.Close()
-		o.url, cluster = c.ConnString(""), c
+		o.srv = &server{url: c.ConnString(""), restart: c.Restart}
 	}
+	if o.calibrate != "" {
+		return calibrate(ctx, out, o)
+	}
+	return demo(ctx, out, o)
+}
 
-	idle, err := measureIdle(ctx, o.url, 30)
+// demo measures the server, then runs the scenario on it.
+func demo(ctx context.Context, out io.Writer, o options) error {
+	progress := isTerminal(os.Stderr)
+	idle, err := measureIdle(ctx, o.srv, 30)
 	if err != nil {
 		return err
 	}
-	capacity, err := measureCapacity(ctx, o.url, 32, 3*time.Second)
+	capacity, err := measureCapacity(ctx, o.srv, 32, 3*time.Second)
 	if err != nil {
 		return err
 	}
@@ -129,14 +157,14 @@ func run() error {
 	case "start", "pools":
 		return startScenario(ctx, out, o, idle, capacity, progress)
 	case "restart":
-		return restartScenario(ctx, out, o, cluster, idle, capacity, progress)
+		return restartScenario(ctx, out, o, idle, capacity, progress)
 	}
 	return fmt.Errorf("-scenario %q: want start, pools or restart", o.scenario)
 }
 
 func startScenario(ctx context.Context, out io.Writer, o options, idle time.Duration, capacity float64, progress bool) error {
 	newBystander := func() *bystander {
-		return &bystander{url: o.url, interval: o.bystander, timeout: 60 * time.Second}
+		return &bystander{srv: o.srv, interval: o.bystander, timeout: 60 * time.Second}
 	}
 	runs, err := allRuns(o)
 	if err != nil {
@@ -146,11 +174,11 @@ func startScenario(ctx context.Context, out io.Writer, o options, idle time.Dura
 	for i, rc := range runs {
 		if i > 0 {
 			// Start each run on a quiet server.
-			if err := waitQuiet(ctx, o.url, idle); err != nil {
+			if err := waitQuiet(ctx, o.srv, idle); err != nil {
 				return err
 			}
 		}
-		rc.url, rc.fleet, rc.conns, rc.deadline = o.url, o.fleet, o.conns, o.deadline
+		rc.srv, rc.fleet, rc.conns, rc.deadline = o.srv, o.fleet, o.conns, o.deadline
 		fmt.Fprintf(out, "%s: %d workers × %d connection(s) start at once...\n", rc.name, o.fleet, o.conns)
 		res, err := runFleet(ctx, rc, newBystander(), progress)
 		if err != nil {

@@ -7,16 +7,14 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // measureIdle returns the median of n sequential connects on an idle server.
-func measureIdle(ctx context.Context, url string, n int) (time.Duration, error) {
+func measureIdle(ctx context.Context, srv *server, n int) (time.Duration, error) {
 	var lat []time.Duration
 	for range n {
 		start := time.Now()
-		c, err := pgconn.Connect(ctx, url)
+		c, err := srv.connect(ctx)
 		if err != nil {
 			return 0, fmt.Errorf("idle connect: %w", err)
 		}
@@ -29,7 +27,7 @@ func measureIdle(ctx context.Context, url string, n int) (time.Duration, error) 
 // measureCapacity saturates the postmaster with workers connecting and
 // disconnecting as fast as they can for d, and returns the connections it
 // admitted per second.
-func measureCapacity(ctx context.Context, url string, workers int, d time.Duration) (float64, error) {
+func measureCapacity(ctx context.Context, srv *server, workers int, d time.Duration) (float64, error) {
 	var ok atomic.Int64
 	var firstErr error
 	var once sync.Once
@@ -40,7 +38,7 @@ func measureCapacity(ctx context.Context, url string, workers int, d time.Durati
 	for range workers {
 		wg.Go(func() {
 			for ctx.Err() == nil {
-				c, err := pgconn.Connect(ctx, url)
+				c, err := srv.connect(ctx)
 				if err != nil {
 					if ctx.Err() == nil {
 						once.Do(func() { firstErr = err })
@@ -61,12 +59,12 @@ func measureCapacity(ctx context.Context, url string, workers int, d time.Durati
 
 // waitQuiet waits until three connects in a row take at most three times an
 // idle connect: the backlog of a previous run has drained.
-func waitQuiet(ctx context.Context, url string, idle time.Duration) error {
+func waitQuiet(ctx context.Context, srv *server, idle time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	for quiet := 0; quiet < 3; {
 		start := time.Now()
-		c, err := pgconn.Connect(ctx, url)
+		c, err := srv.connect(ctx)
 		if err != nil {
 			return fmt.Errorf("waiting for the server to settle: %w", err)
 		}
@@ -94,7 +92,7 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 // bystander opens a fresh connection every interval while it runs and
 // records how long each took, as an unrelated client of the server would.
 type bystander struct {
-	url      string
+	srv      *server
 	interval time.Duration
 	timeout  time.Duration
 
@@ -121,7 +119,7 @@ func (b *bystander) run(ctx context.Context) {
 			cctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 			defer cancel()
 			begin := time.Now()
-			c, err := pgconn.Connect(cctx, b.url)
+			c, err := b.srv.connect(cctx)
 			lat := time.Since(begin)
 			if err == nil {
 				_ = c.Close(context.Background())

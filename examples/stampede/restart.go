@@ -16,7 +16,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/pgstagger/pgstagger/internal/testdb"
 	"github.com/pgstagger/pgstagger/pool"
 )
 
@@ -78,8 +77,8 @@ func pacerCell(g *gateCounts) string {
 	return fmt.Sprintf("%d; %s / %s", g.decreases, ms(percentile(l, 50)), ms(percentile(l, 100)))
 }
 
-func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cluster, idle time.Duration, capacity float64, progress bool) error {
-	if c == nil {
+func restartScenario(ctx context.Context, out io.Writer, o options, idle time.Duration, capacity float64, progress bool) error {
+	if o.srv.restart == nil {
 		return errors.New("-scenario restart restarts the server: it needs the throwaway cluster, not -url")
 	}
 	runs, err := allRuns(o)
@@ -89,16 +88,16 @@ func restartScenario(ctx context.Context, out io.Writer, o options, c *testdb.Cl
 	var results []restartResult
 	for i, rc := range runs {
 		if i > 0 {
-			if err := waitQuiet(ctx, o.url, idle); err != nil {
+			if err := waitQuiet(ctx, o.srv, idle); err != nil {
 				return err
 			}
 		}
-		rc.url, rc.fleet, rc.conns = o.url, o.fleet, o.conns
+		rc.srv, rc.fleet, rc.conns, rc.every = o.srv, o.fleet, o.conns, o.every
 		// A restart in the fleet's steady state, not within a window of
 		// its start: by then every bucket has refilled.
 		rc.settle = time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second))
 		fmt.Fprintf(out, "%s: %d workers × %d connection(s) warm up, then the server restarts...\n", rc.name, o.fleet, o.conns)
-		res, err := runRestart(ctx, rc, c, &bystander{url: o.url, interval: o.bystander, timeout: 60 * time.Second}, progress)
+		res, err := runRestart(ctx, rc, &bystander{srv: o.srv, interval: o.bystander, timeout: 60 * time.Second}, progress)
 		if err != nil {
 			return err
 		}
@@ -244,9 +243,10 @@ func peakPerSecond(ts []time.Duration) int {
 }
 
 // runRestart warms a fleet up, restarts the server under it and watches it
-// recover. Each worker queries every 100ms with a 2s deadline.
-func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bystander, progress bool) (restartResult, error) {
-	base, err := pgxpool.ParseConfig(cfg.url)
+// recover. Each worker queries every cfg.every (100ms by default) with a
+// 2s deadline.
+func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool) (restartResult, error) {
+	base, err := pgxpool.ParseConfig(cfg.srv.url)
 	if err != nil {
 		return restartResult{}, err
 	}
@@ -256,11 +256,12 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 		restartAt time.Time // zero until the restart begins
 		dialTimes []time.Duration
 		answered  []time.Duration
-		nd        net.Dialer
 	)
+	cfg.srv.configure(&base.ConnConfig.Config)
+	dial := base.ConnConfig.DialFunc
 	base.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		at := time.Now()
-		conn, err := nd.DialContext(ctx, network, addr)
+		conn, err := dial(ctx, network, addr)
 		mu.Lock()
 		if !restartAt.IsZero() {
 			dialTimes = append(dialTimes, at.Sub(restartAt))
@@ -285,7 +286,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 		}
 		pools[i] = p
 		wg.Go(func() {
-			t := time.NewTicker(100 * time.Millisecond)
+			t := time.NewTicker(cfg.every)
 			defer t.Stop()
 			for {
 				qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -335,7 +336,7 @@ func runRestart(ctx context.Context, cfg runConfig, c *testdb.Cluster, by *bysta
 	mu.Lock()
 	restartAt = time.Now()
 	mu.Unlock()
-	if err := c.Restart(); err != nil {
+	if err := cfg.srv.restart(); err != nil {
 		return restartResult{}, err
 	}
 	upAt := time.Now()

@@ -1,0 +1,400 @@
+// Package simpg is a simulated PostgreSQL server for the stampede demo's
+// -simulate mode. Its postmaster forks one backend at a time from a listen
+// queue, each fork taking longer the more backends it holds; a full queue
+// drops the SYN, and the client's kernel retransmits it after 1s, 2s, 4s.
+// Its backends start up beside the queue, refuse a client past
+// max_connections (53300) or while the server starts (57P03), speak enough
+// of the wire protocol for pgx (the simple query protocol), and answer
+// pgstagger's server facts queries from the server's state. A restart ends
+// every session (57P01), refuses connections, then answers 57P03. The
+// queries and backend exits of the last second take their share of the
+// machine's CPU, and stretch every fork and start-up by as much. The numbers are a [Model]'s.
+//
+// It keeps time with the time package, so that in a testing/synctest bubble
+// a fleet of any size runs against it on simulated time, through the real
+// pgx, pgxpool and pgstagger code: its connections are in memory, and every
+// wait is durably blocking.
+package simpg
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgstagger/pgstagger/internal/engine"
+)
+
+// Server is a simulated PostgreSQL server.
+type Server struct {
+	m    Model
+	addr net.Addr
+
+	mu       sync.Mutex
+	wake     sync.Cond             // the postmaster waits on it for a connection
+	queue    []*pending            // guarded by mu: accepted, waiting for the postmaster
+	state    state                 // guarded by mu
+	gen      int                   // guarded by mu: restarts so far
+	backends map[*pending]struct{} // guarded by mu: client backends
+	starts   map[int64]int         // guarded by mu: client backends by the second they started
+	pids     int                   // guarded by mu: backends forked, for their pids
+	cpu      [10]time.Duration     // guarded by mu: the queries' CPU in each tenth of the last second
+	cpuSlot  int64                 // guarded by mu: the tenth of a second cpu's newest slot is
+	closed   bool                  // guarded by mu
+	done     chan struct{}         // closed when the postmaster has stopped
+}
+
+type state int
+
+const (
+	up state = iota
+	down
+	starting
+)
+
+// pending is a connection from its accept on.
+type pending struct {
+	conn *end
+	gen  int // the server's life it belongs to
+}
+
+// New starts a server doing what m says. Close stops it.
+func New(m Model) (*Server, error) {
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	s := &Server{
+		m:        m,
+		addr:     &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5432},
+		backends: map[*pending]struct{}{},
+		starts:   map[int64]int{},
+		done:     make(chan struct{}),
+	}
+	s.wake.L = &s.mu
+	go s.postmaster()
+	return s, nil
+}
+
+// ConnString is a connection string for the server: its host is never
+// resolved nor dialed, since the config's DialFunc and LookupFunc must be
+// set to [Server.Dial] and [Server.Lookup], and it asks pgx for the simple
+// query protocol, the only one the server speaks, and so for no statement
+// caches (each a preallocated map: a fifth of a 10,000-worker simulation's
+// CPU).
+func (s *Server) ConnString() string {
+	return "postgres://sim@simulated:5432/postgres?sslmode=disable&default_query_exec_mode=simple_protocol&statement_cache_capacity=0&description_cache_capacity=0"
+}
+
+// Lookup resolves every host to the server's address.
+func (s *Server) Lookup(context.Context, string) ([]string, error) {
+	return []string{s.addr.(*net.TCPAddr).IP.String()}, nil
+}
+
+// Dial connects to the server: refused while it is down; otherwise the
+// connection waits in the listen queue for the postmaster. A full queue
+// drops the SYN, and the dial waits for the kernel's retransmissions.
+func (s *Server) Dial(ctx context.Context, network, _ string) (net.Conn, error) {
+	rto := time.Second
+	for {
+		s.mu.Lock()
+		switch {
+		case s.closed || s.state == down:
+			s.mu.Unlock()
+			return nil, &net.OpError{Op: "dial", Net: network, Addr: s.addr, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+		case len(s.queue) < s.m.Backlog:
+			client, server := pipe(&net.TCPAddr{IP: net.IPv4(10, 0, 0, 2), Port: 40000}, s.addr)
+			s.queue = append(s.queue, &pending{conn: server.(*end), gen: s.gen})
+			s.wake.Signal()
+			s.mu.Unlock()
+			return client, nil
+		}
+		s.mu.Unlock()
+		t := time.NewTimer(rto)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, &net.OpError{Op: "dial", Net: network, Addr: s.addr, Err: ctx.Err()}
+		case <-t.C:
+		}
+		rto *= 2
+	}
+}
+
+// postmaster forks a backend for each connection in the listen queue, one
+// at a time, each fork taking the model's time for the backends held.
+func (s *Server) postmaster() {
+	defer close(s.done)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		for len(s.queue) == 0 && !s.closed {
+			s.wake.Wait()
+		}
+		if s.closed {
+			return
+		}
+		p := s.queue[0]
+		s.queue[0] = nil
+		s.queue = s.queue[1:]
+		took := s.stretched(s.m.ServiceTime(len(s.backends)))
+		s.mu.Unlock()
+		time.Sleep(took)
+		s.mu.Lock()
+		if p.gen != s.gen {
+			// The server restarted during the fork: the listen
+			// socket it came through is gone.
+			_ = p.conn.reset()
+			continue
+		}
+		s.pids++
+		go s.backend(p, s.pids)
+	}
+}
+
+// backend starts up, then serves p's client until it leaves or the server
+// restarts.
+func (s *Server) backend(p *pending, pid int) {
+	s.mu.Lock()
+	startup := s.stretched(s.m.startup())
+	s.mu.Unlock()
+	time.Sleep(startup)
+	be := pgproto3.NewBackend(p.conn, p.conn)
+	msg, err := be.ReceiveStartupMessage()
+	for err == nil {
+		if _, ok := msg.(*pgproto3.SSLRequest); !ok {
+			break
+		}
+		if _, err = p.conn.Write([]byte{'N'}); err == nil {
+			msg, err = be.ReceiveStartupMessage()
+		}
+	}
+	if _, ok := msg.(*pgproto3.StartupMessage); err != nil || !ok {
+		// A CancelRequest (which cancels nothing here), or a client
+		// that left.
+		_ = p.conn.Close()
+		return
+	}
+	s.mu.Lock()
+	var fatal *pgproto3.ErrorResponse
+	switch {
+	case p.gen != s.gen:
+		s.mu.Unlock()
+		_ = p.conn.reset()
+		return
+	case s.state == starting:
+		fatal = &pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P03", Message: "the database system is starting up"}
+	case len(s.backends) >= s.m.MaxConnections:
+		fatal = &pgproto3.ErrorResponse{Severity: "FATAL", Code: "53300", Message: "sorry, too many clients already"}
+	default:
+		s.backends[p] = struct{}{}
+		s.starts[time.Now().Unix()]++
+	}
+	s.mu.Unlock()
+	if fatal != nil {
+		be.Send(fatal)
+		_ = be.Flush()
+		_ = p.conn.Close()
+		return
+	}
+	started := time.Now().Unix()
+	defer s.exit(p, started)
+
+	be.Send(&pgproto3.AuthenticationOk{})
+	for _, kv := range [][2]string{{"server_version", "15.0 (simulated)"}, {"client_encoding", "UTF8"}, {"standard_conforming_strings", "on"}, {"DateStyle", "ISO, MDY"}} {
+		be.Send(&pgproto3.ParameterStatus{Name: kv[0], Value: kv[1]})
+	}
+	be.Send(&pgproto3.BackendKeyData{ProcessID: uint32(pid), SecretKey: []byte{0, 0, 0, 7}})
+	be.Send(&pgproto3.ReadyForQuery{TxStatus: 'I'})
+	if be.Flush() != nil {
+		return
+	}
+	failed := false // in an extended-protocol batch that failed: skip to Sync
+	for {
+		msg, err := be.Receive()
+		if err != nil {
+			return
+		}
+		switch msg := msg.(type) {
+		case *pgproto3.Query:
+			time.Sleep(s.run(msg.String))
+			s.answer(be, msg.String)
+		case *pgproto3.Sync:
+			failed = false
+			be.Send(&pgproto3.ReadyForQuery{TxStatus: 'I'})
+		case *pgproto3.Terminate:
+			return
+		default:
+			if !failed {
+				failed = true
+				be.Send(&pgproto3.ErrorResponse{Severity: "ERROR", Code: "0A000", Message: "simulated server: simple query protocol only (default_query_exec_mode=simple_protocol)"})
+			}
+			continue
+		}
+		if be.Flush() != nil {
+			return
+		}
+	}
+}
+
+// run accounts for a query's CPU and returns how long it takes.
+func (s *Server) run(sql string) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var extra time.Duration
+	switch sql {
+	case engine.FactsQuery:
+		extra = time.Duration(s.m.FactsPerBackend) * time.Duration(len(s.backends))
+	case engine.FactsHistoryQuery:
+		extra = time.Duration(s.m.HistoryPerBackend) * time.Duration(len(s.backends))
+	}
+	s.spend(time.Duration(s.m.QueryCPUPerBackend)*time.Duration(len(s.backends)) + extra)
+	return s.stretched(time.Duration(s.m.Query) + extra)
+}
+
+// spend counts d of CPU taken now; s.mu is held.
+func (s *Server) spend(d time.Duration) {
+	s.advance()
+	s.cpu[s.cpuSlot%int64(len(s.cpu))] += d
+}
+
+// advance moves cpu's window to now; s.mu is held.
+func (s *Server) advance() {
+	now := time.Now().UnixNano() / int64(100*time.Millisecond)
+	for ; s.cpuSlot < now; s.cpuSlot++ {
+		if now-s.cpuSlot > int64(len(s.cpu)) {
+			clear(s.cpu[:])
+			s.cpuSlot = now
+			break
+		}
+		s.cpu[(s.cpuSlot+1)%int64(len(s.cpu))] = 0
+	}
+}
+
+// stretched is d on a machine whose queries of the last second took their
+// share of its CPU: d / (1 − share), the share at most 95%; s.mu is held.
+func (s *Server) stretched(d time.Duration) time.Duration {
+	s.advance()
+	var used time.Duration
+	for _, c := range s.cpu {
+		used += c
+	}
+	share := min(0.95, used.Seconds()/float64(s.m.Cores))
+	return time.Duration(float64(d) / (1 - share))
+}
+
+// answer sends the reply to a simple query: pgstagger's facts from the
+// server's state, 1 to anything else.
+func (s *Server) answer(be *pgproto3.Backend, sql string) {
+	var vals []int
+	switch sql {
+	case engine.FactsQuery:
+		s.mu.Lock()
+		vals = []int{len(s.backends)}
+		s.mu.Unlock()
+	case engine.FactsHistoryQuery:
+		s.mu.Lock()
+		most := 0
+		for _, n := range s.starts {
+			most = max(most, n)
+		}
+		vals = []int{len(s.backends), most}
+		s.mu.Unlock()
+	default:
+		vals = []int{1}
+	}
+	var rd pgproto3.RowDescription
+	var row pgproto3.DataRow
+	for i, v := range vals {
+		rd.Fields = append(rd.Fields, pgproto3.FieldDescription{Name: []byte("c" + strconv.Itoa(i)), DataTypeOID: 20, DataTypeSize: 8, TypeModifier: -1})
+		row.Values = append(row.Values, []byte(strconv.Itoa(v)))
+	}
+	be.Send(&rd)
+	be.Send(&row)
+	be.Send(&pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")})
+	be.Send(&pgproto3.ReadyForQuery{TxStatus: 'I'})
+}
+
+// exit ends p's backend, unless a restart ended it already.
+func (s *Server) exit(p *pending, started int64) {
+	_ = p.conn.Close()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.backends[p]; ok {
+		delete(s.backends, p)
+		s.uncount(started)
+		s.spend(time.Duration(s.m.Exit))
+	}
+}
+
+func (s *Server) uncount(started int64) {
+	if s.starts[started]--; s.starts[started] <= 0 {
+		delete(s.starts, started)
+	}
+}
+
+// Restart stops the server as pg_ctl's fast mode does (every backend sends
+// its client 57P01 and exits, connections in the listen queue are reset),
+// keeps it down for the model's Down and DownPerBackend, then starting for
+// its Starting, and returns once it accepts connections again.
+func (s *Server) Restart() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return fmt.Errorf("simpg: restart of a closed server")
+	}
+	s.gen++
+	s.state = down
+	down := time.Duration(s.m.Down) + time.Duration(s.m.DownPerBackend)*time.Duration(len(s.backends))
+	s.shutdown()
+	s.mu.Unlock()
+	time.Sleep(down)
+	s.setState(starting)
+	time.Sleep(time.Duration(s.m.Starting))
+	s.setState(up)
+	return nil
+}
+
+// shutdown ends every connection; s.mu is held.
+func (s *Server) shutdown() {
+	for _, p := range s.queue {
+		_ = p.conn.reset()
+	}
+	s.queue = nil
+	msg, _ := (&pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P01", Message: "terminating connection due to administrator command"}).Encode(nil)
+	for p := range s.backends {
+		_, _ = p.conn.Write(msg)
+		_ = p.conn.Close()
+	}
+	clear(s.backends)
+	clear(s.starts)
+}
+
+func (s *Server) setState(st state) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.state = st
+}
+
+// Backends is how many client backends the server holds.
+func (s *Server) Backends() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.backends)
+}
+
+// Close stops the server and ends its connections.
+func (s *Server) Close() {
+	s.mu.Lock()
+	s.closed = true
+	s.gen++
+	s.shutdown()
+	s.wake.Broadcast()
+	s.mu.Unlock()
+	<-s.done
+}

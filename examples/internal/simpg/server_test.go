@@ -1,0 +1,284 @@
+package simpg
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgstagger/pgstagger/internal/engine"
+)
+
+// These tests run the simulated server in a synctest bubble, as the demo
+// does, and reach it through pgconn, as the fleet does.
+
+func testModel() Model {
+	return Model{
+		Capacity:       []Point{{0, 100}, {100, 50}},
+		IdleConnect:    Duration(15 * time.Millisecond), // 10ms fork + 5ms start-up
+		MaxConnections: 1000,
+		Backlog:        1000,
+		Down:           Duration(time.Second),
+		Starting:       Duration(time.Second),
+		Cores:          2,
+	}
+}
+
+func start(t *testing.T, m Model) *Server {
+	t.Helper()
+	s, err := New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func connect(ctx context.Context, t *testing.T, s *Server) (*pgconn.PgConn, error) {
+	t.Helper()
+	cfg, err := pgconn.ParseConfig(s.ConnString())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DialFunc, cfg.LookupFunc = s.Dial, s.Lookup
+	return pgconn.ConnectConfig(ctx, cfg)
+}
+
+func TestAnIdleConnectTakesTheModelsTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := start(t, testModel())
+		begin := time.Now()
+		c, err := connect(t.Context(), t, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close(context.Background())
+		if got := time.Since(begin); got != 15*time.Millisecond {
+			t.Errorf("idle connect took %v, want the model's 15ms", got)
+		}
+		if _, err := c.Exec(t.Context(), "select 1").ReadAll(); err != nil {
+			t.Errorf("query: %v", err)
+		}
+	})
+}
+
+// saturate connects and closes from 8 clients for d and returns the
+// connects per second.
+func saturate(t *testing.T, s *Server, d time.Duration) float64 {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	defer cancel()
+	var n atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for {
+				c, err := connect(ctx, t, s)
+				if err != nil {
+					return
+				}
+				n.Add(1)
+				c.Close(context.Background())
+			}
+		})
+	}
+	wg.Wait()
+	return float64(n.Load()) / d.Seconds()
+}
+
+func TestCapacityFallsWithTheBackendsHeld(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := start(t, testModel())
+		// The clients leave at once, so the server holds at most 8.
+		if got := saturate(t, s, 10*time.Second); got < 90 || got > 100 {
+			t.Errorf("capacity holding no backends %.1f/s, want about 100", got)
+		}
+		var held []*pgconn.PgConn
+		for range 100 {
+			c, err := connect(t.Context(), t, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, c)
+		}
+		if got := saturate(t, s, 10*time.Second); got < 45 || got > 50 {
+			t.Errorf("capacity holding 100 backends %.1f/s, want about 50", got)
+		}
+		for _, c := range held {
+			c.Close(context.Background())
+		}
+	})
+}
+
+func TestRestartEndsSessionsRefusesThenAnswersStartingUp(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := start(t, testModel())
+		held, err := connect(t.Context(), t, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		restarted := make(chan error)
+		go func() { restarted <- s.Restart() }()
+		synctest.Wait()
+
+		var pe *pgconn.PgError
+		if _, err := held.Exec(t.Context(), "select 1").ReadAll(); !errors.As(err, &pe) || pe.Code != "57P01" {
+			t.Errorf("query on a session the restart ended: %v, want 57P01", err)
+		}
+		time.Sleep(500 * time.Millisecond)
+		if _, err := connect(t.Context(), t, s); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("connect while down: %v, want connection refused", err)
+		}
+		time.Sleep(time.Second) // 1.5s: starting
+		if _, err := connect(t.Context(), t, s); !errors.As(err, &pe) || pe.Code != "57P03" {
+			t.Errorf("connect while starting: %v, want 57P03", err)
+		}
+		if err := <-restarted; err != nil {
+			t.Fatal(err)
+		}
+		c, err := connect(t.Context(), t, s)
+		if err != nil {
+			t.Fatalf("connect after the restart: %v", err)
+		}
+		c.Close(context.Background())
+	})
+}
+
+func TestTooManyClientsAfterTheFork(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := testModel()
+		m.MaxConnections = 2
+		s := start(t, m)
+		for range 2 {
+			c, err := connect(t.Context(), t, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close(context.Background())
+		}
+		begin := time.Now()
+		var pe *pgconn.PgError
+		if _, err := connect(t.Context(), t, s); !errors.As(err, &pe) || pe.Code != "53300" {
+			t.Errorf("third connect: %v, want 53300", err)
+		}
+		// The fork holding 2 backends takes 10.2ms, the start-up 5ms.
+		if got := time.Since(begin); got != 15200*time.Microsecond {
+			t.Errorf("53300 came after %v, want after the fork and start-up (15.2ms)", got)
+		}
+	})
+}
+
+func TestAFullBacklogDropsTheSYN(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := testModel()
+		m.Backlog = 1
+		s := start(t, m)
+		first, err := s.Dial(t.Context(), "tcp", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer first.Close()
+		// The postmaster takes the first from the queue at once: fill it.
+		synctest.Wait()
+		second, err := s.Dial(t.Context(), "tcp", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer second.Close()
+		begin := time.Now()
+		third, err := s.Dial(t.Context(), "tcp", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer third.Close()
+		// The fork of the first ends at 10ms and the postmaster takes the
+		// second: the third's SYN, retransmitted at 1s, finds room.
+		if got := time.Since(begin); got != time.Second {
+			t.Errorf("dial into a full backlog took %v, want the first retransmission's 1s", got)
+		}
+	})
+}
+
+func TestFactsQueriesAnswerFromTheServersState(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := start(t, testModel())
+		var conns []*pgconn.PgConn
+		for range 3 {
+			c, err := connect(t.Context(), t, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conns = append(conns, c)
+		}
+		time.Sleep(2 * time.Second)
+		c, err := connect(t.Context(), t, s) // a fourth, a second later
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		ints := func(sql string) []string {
+			rs, err := c.Exec(t.Context(), sql).ReadAll()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out []string
+			for _, v := range rs[0].Rows[0] {
+				out = append(out, string(v))
+			}
+			return out
+		}
+		if got := ints(engine.FactsQuery); len(got) != 1 || got[0] != "4" {
+			t.Errorf("facts = %v, want [4]", got)
+		}
+		if got := ints(engine.FactsHistoryQuery); len(got) != 2 || got[0] != "4" || got[1] != "3" {
+			t.Errorf("facts with history = %v, want [4 3]: three started within one second", got)
+		}
+		for _, c := range conns {
+			c.Close(context.Background())
+		}
+		synctest.Wait()
+		if n := s.Backends(); n != 0 {
+			t.Errorf("%d backends after every client left, want 0", n)
+		}
+	})
+}
+
+func TestQueriesTakeTheirShareOfTheCPU(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := testModel()
+		m.Cores, m.QueryCPUPerBackend = 1, Duration(5*time.Millisecond) // one backend held: 5ms a query
+		s := start(t, m)
+		busy, err := connect(t.Context(), t, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer busy.Close(context.Background())
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			// 100 queries a second of 5ms: half the one core.
+			for tick := time.NewTicker(10 * time.Millisecond); ctx.Err() == nil; <-tick.C {
+				_, _ = busy.Exec(ctx, "select 1").ReadAll()
+			}
+		}()
+		time.Sleep(2 * time.Second)
+		begin := time.Now()
+		c, err := connect(t.Context(), t, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close(context.Background())
+		cancel()
+		<-done
+		// 10.1ms of fork (1 backend held) and 5ms of start-up, doubled.
+		if got, want := time.Since(begin), 2*(10100+5000)*time.Microsecond; got < want-time.Millisecond || got > want+time.Millisecond {
+			t.Errorf("connect beside half a core of queries took %v, want about %v", got, want)
+		}
+	})
+}

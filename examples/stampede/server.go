@@ -1,0 +1,44 @@
+package main
+
+import (
+	"context"
+	"net"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// server is what the demo runs against: a real PostgreSQL server, or the
+// simulated one (-simulate), reached through its dial and lookup functions.
+type server struct {
+	url string
+	// dial and lookup reach the server; nil: the network's.
+	dial   pgconn.DialFunc
+	lookup pgconn.LookupFunc
+	// restart restarts the server and returns once it accepts
+	// connections again; nil when the demo cannot (-url).
+	restart func() error
+}
+
+// configure points cfg at the server.
+func (s *server) configure(cfg *pgconn.Config) {
+	if s.dial == nil {
+		var nd net.Dialer
+		cfg.DialFunc = nd.DialContext
+	} else {
+		cfg.DialFunc = s.dial
+	}
+	if s.lookup != nil {
+		cfg.LookupFunc = s.lookup
+	}
+}
+
+// connect opens a connection with pgconn, as the bystander and the
+// measurements do.
+func (s *server) connect(ctx context.Context) (*pgconn.PgConn, error) {
+	cfg, err := pgconn.ParseConfig(s.url)
+	if err != nil {
+		return nil, err
+	}
+	s.configure(cfg)
+	return pgconn.ConnectConfig(ctx, cfg)
+}
