@@ -247,6 +247,22 @@ func TestCannotRunStopsTheReadsOnlyForAnUnknownFunctionOrShape(t *testing.T) {
 	}
 }
 
+// wrapDials makes cfg's connections wrap's wrappers of TCP connections, and
+// counts them.
+func wrapDials(cfg *pgxpool.Config, wrap func(net.Conn) net.Conn) *atomic.Int32 {
+	var n atomic.Int32
+	var nd net.Dialer
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := nd.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		n.Add(1)
+		return wrap(conn), nil
+	}
+	return &n
+}
+
 // dropWrites is a connection whose writes, once dropped is set, are
 // discarded as a hung server's would go unanswered.
 type dropWrites struct {
@@ -269,19 +285,12 @@ func TestAConnectionLostDuringTheFactsReadIsRetried(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var dials atomic.Int32
 	var last atomic.Pointer[atomic.Bool]
-	var nd net.Dialer
-	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		conn, err := nd.DialContext(ctx, network, addr)
-		if err != nil {
-			return nil, err
-		}
-		dials.Add(1)
+	dials := wrapDials(cfg, func(conn net.Conn) net.Conn {
 		dropped := new(atomic.Bool)
 		last.Store(dropped)
-		return dropWrites{conn, dropped}, nil
-	}
+		return dropWrites{conn, dropped}
+	})
 	var hung atomic.Bool
 	cfg.AfterConnect = func(context.Context, *pgx.Conn) error {
 		// The caller's AfterConnect runs before the facts read: hang the
@@ -330,20 +339,13 @@ func TestTheFactsReadWaitsAsLongAsConnectsTake(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var dials atomic.Int32
 	var last atomic.Pointer[atomic.Int64]
-	var nd net.Dialer
-	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	dials := wrapDials(cfg, func(conn net.Conn) net.Conn {
 		time.Sleep(time.Second) // a connect of a second or more
-		conn, err := nd.DialContext(ctx, network, addr)
-		if err != nil {
-			return nil, err
-		}
-		dials.Add(1)
 		delay := new(atomic.Int64)
 		last.Store(delay)
-		return delayWrites{conn, delay}, nil
-	}
+		return delayWrites{conn, delay}
+	})
 	cfg.AfterConnect = func(context.Context, *pgx.Conn) error {
 		// The facts read, next, is answered 1.5s later.
 		last.Load().Store(int64(1500 * time.Millisecond))
