@@ -69,6 +69,9 @@ func calibrate(ctx context.Context, out io.Writer, o options) error {
 	// closing, as the demo measures its budget, also pays for each
 	// backend's exit.)
 	most := min(o.fleet*o.conns, maxConns-50)
+	if most < 1 {
+		return fmt.Errorf("max_connections %d leaves no room for the calibration's connections (it keeps 50 free)", maxConns)
+	}
 	batch := max(50, most/6)
 	m.Capacity = nil
 	for len(conns) < most {
