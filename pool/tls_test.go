@@ -8,8 +8,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pgstagger/pgstagger/dialer"
 	"github.com/pgstagger/pgstagger/internal/testdb"
 )
 
@@ -85,5 +87,28 @@ func TestPreferAgainstAServerWithoutTLSWarnsOncePerPool(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Under sslmode=prefer (pgx's default) against a server without TLS, pgconn
+// joins the server's refusal of TLS with what the plain dial after it met:
+// that decides the class. A role over its connection limit (53300) is
+// transient, and Pool retries it, as it would with sslmode=disable.
+func TestPreferAgainstAServerWithoutTLSIsClassifiedByThePlainDial(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	ctx := context.Background()
+	if err := c.Exec(ctx, `create role limited login password 'limited-pw' connection limit 0`); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{"disable", "prefer"} {
+		p := newPool(t, withSSLMode(t, c.ConnStringAs("limited", "limited-pw", ""), mode),
+			WithBackOff(func() backoff.BackOff { return backoff.WithMaxRetries(&backoff.ZeroBackOff{}, 1) }))
+		err := p.Ping(ctx)
+		if got := dialer.Classify(err); got != dialer.Transient || !strings.Contains(err.Error(), "53300") {
+			t.Errorf("sslmode=%s: %v classified %v, want transient (53300)", mode, err, got)
+		}
+		if s := p.Dialer().Stats(); s.Retries != 1 {
+			t.Errorf("sslmode=%s: %d retries, want the 1 allowed", mode, s.Retries)
+		}
 	}
 }

@@ -136,7 +136,12 @@ func classify(err error) Class {
 		kids = u.Unwrap()
 	}
 	result := unknown
-	for _, k := range kids {
+	for i, k := range kids {
+		if i < len(kids)-1 && isTLSRefusal(k) {
+			// sslmode=prefer: pgconn fell back to a plain connection
+			// after the refusal, and what that met decides.
+			continue
+		}
 		result = combine(result, classify(k))
 	}
 	return result
@@ -201,11 +206,28 @@ func classifyNode(err error) (Class, bool) {
 		return Transient, true
 	}
 	// pgconn reports a server without TLS under sslmode=require as a plain
-	// error: a configuration mismatch that retrying cannot fix.
-	if strings.Contains(err.Error(), "server refused TLS connection") && errors.Unwrap(err) == nil {
+	// error: a configuration mismatch that retrying cannot fix. The error
+	// itself, not one that wraps it: pgconn joins one connect's errors,
+	// and under sslmode=prefer the refusal is followed by what the plain
+	// dial after it met, which decides (see classify).
+	if isTLSRefusal(err) && wrapsNothing(err) {
 		return Permanent, true
 	}
 	return unknown, false
+}
+
+// isTLSRefusal reports whether err says the server refused TLS.
+func isTLSRefusal(err error) bool {
+	return strings.Contains(err.Error(), "server refused TLS connection")
+}
+
+// wrapsNothing reports whether err has neither Unwrap method.
+func wrapsNothing(err error) bool {
+	switch err.(type) {
+	case interface{ Unwrap() error }, interface{ Unwrap() []error }:
+		return false
+	}
+	return true
 }
 
 func sqlStateClass(code string) Class {

@@ -48,6 +48,11 @@ func TestClassify(t *testing.T) {
 		{"one host down, one refusing auth", errors.Join(refused, pg("28P01")), Permanent},
 		{"all hosts down", errors.Join(refused, refused), Transient},
 		{"gave up keeps the cause", &GaveUpError{Attempts: 3, Err: refused}, Transient},
+		{"sslmode=require, no TLS", errors.Join(fmt.Errorf("tls error: %w", errors.New("server refused TLS connection"))), Permanent},
+		// sslmode=prefer against a server without TLS: pgconn joins the
+		// refusal with what the plain dial after it met.
+		{"prefer, then too many connections", errors.Join(fmt.Errorf("tls error: %w", errors.New("server refused TLS connection")), pg("53300")), Transient},
+		{"prefer, then the pool closed", errors.Join(fmt.Errorf("tls error: %w", errors.New("server refused TLS connection")), fmt.Errorf("dial error: %w", ErrClosed)), Closed},
 	}
 	for _, c := range cases {
 		if got := Classify(c.err); got != c.want {
