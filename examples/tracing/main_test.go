@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
@@ -123,7 +124,9 @@ func TestTheReadmesJaegerCommandDeliversConnectSpansToATracesOnlyCollector(t *te
 	}
 	var connects, underRequests int
 	for _, s := range spans {
-		if s.Name != "pgstagger.connect" {
+		if s.Name != "pgstagger.connect" || closedByPool(s) {
+			// A connect still under way when the example closed its
+			// pool ends there, before some of its phases.
 			continue
 		}
 		connects++
@@ -136,7 +139,7 @@ func TestTheReadmesJaegerCommandDeliversConnectSpansToATracesOnlyCollector(t *te
 		}
 		for _, n := range []string{"pgstagger.dial", "pgstagger.tls_handshake", "pgstagger.startup"} {
 			if !names[n] {
-				t.Errorf("a connect span arrived without its %s child; children: %v", n, names)
+				t.Errorf("a connect span arrived without its %s child; children: %v; status %v; attrs %v", n, names, s.Status, s.Attributes)
 			}
 		}
 		if p, ok := byID[string(s.ParentSpanId)]; ok && strings.HasPrefix(p.Name, "request ") {
@@ -146,6 +149,17 @@ func TestTheReadmesJaegerCommandDeliversConnectSpansToATracesOnlyCollector(t *te
 	if connects == 0 || underRequests == 0 {
 		t.Fatalf("the collector received %d connect spans, %d of them under a request's span; want some of each; got %d spans", connects, underRequests, len(spans))
 	}
+}
+
+// closedByPool reports whether a connect span ended because its pool
+// closed (error.type closed).
+func closedByPool(s *tracepb.Span) bool {
+	for _, kv := range s.Attributes {
+		if kv.Key == string(semconv.ErrorTypeKey) && kv.Value.GetStringValue() == "closed" {
+			return true
+		}
+	}
+	return false
 }
 
 func TestExportersNoneExportsNothingAndSucceeds(t *testing.T) {
