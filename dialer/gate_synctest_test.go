@@ -1001,3 +1001,63 @@ func TestSynctestFleetMemberSendsNoCancelItMustWaitFor(t *testing.T) {
 		}
 	})
 }
+
+// answerThenReady is a server that reads the startup message, answers
+// (AuthenticationOk) after fork, and lets the client in (ReadyForQuery)
+// after startup more: a backend's first byte comes before its start-up
+// work, which runs beside every other backend starting at once.
+func answerThenReady(fork, startup time.Duration) func(net.Conn) {
+	return func(server net.Conn) {
+		var n [4]byte
+		if _, err := io.ReadFull(server, n[:]); err != nil {
+			return
+		}
+		if _, err := io.CopyN(io.Discard, server, int64(binary.BigEndian.Uint32(n[:]))-4); err != nil {
+			return
+		}
+		time.Sleep(fork)
+		if _, err := server.Write([]byte{'R', 0, 0, 0, 8, 0, 0, 0, 0}); err != nil {
+			return
+		}
+		time.Sleep(startup)
+		_, _ = server.Write([]byte{'Z', 0, 0, 0, 5, 'I'})
+		drain(server)
+	}
+}
+
+// The pacer counts an establishment until the connection is ready, not
+// until the server's first byte: the backend's start-up after it is load
+// the server's other clients wait behind, and the pacer's sample (and so
+// its baseline) is the whole establishment.
+func TestSynctestPacerHoldsItsSlotUntilTheConnectionIsReady(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const fork, startup = time.Millisecond, 50 * time.Millisecond
+		f := &fakeDials{serve: answerThenReady(fork, startup)}
+		d, cfg := fakeInstalled(t, f, WithStartupJitter(0))
+		start := time.Now()
+		var wg sync.WaitGroup
+		for range 2 {
+			wg.Go(func() {
+				c, err := pgx.ConnectConfig(context.Background(), cfg)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				c.Close(context.Background())
+			})
+		}
+		wg.Wait()
+		f.mu.Lock()
+		times := f.times
+		f.mu.Unlock()
+		if len(times) != 2 {
+			t.Fatalf("%d dials, want 2", len(times))
+		}
+		if got := times[1].Sub(start); got < fork+startup {
+			t.Errorf("second dial %v after the first, want it once the first connection was ready (%v): the pacer starts at one in flight", got, fork+startup)
+		}
+		if s := d.Stats(); s.Baseline != fork+startup {
+			t.Errorf("pacer baseline %v, want the whole establishment's %v", s.Baseline, fork+startup)
+		}
+	})
+}

@@ -18,14 +18,14 @@ import (
 
 // Defaults of a [Dialer] built with no options. Its first connections wait
 // a random part of a second; then the pacer lets connects reach the
-// postmaster as fast as it answers them near its idle response time, and no
-// faster: it starts with 1 connect awaiting the postmaster's answer,
-// doubles that while the response time stays within twice the smallest one
-// seen, and backs off when it rises past that or a connect fails
-// transiently, down to one connect at a time, spaced (a fleet's processes
-// then keep the postmaster's queue short between them). A pool bounds the
-// smallest response time by what the server says of itself, and grows only
-// once it has read that (see pool.WithServerFacts). Whatever the pacer
+// server as fast as it establishes them near its idle time, and no faster:
+// it starts with 1 establishment under way, doubles that while they take
+// within twice the quickest one seen, and backs off when they take longer
+// or a connect fails transiently, down to one connect at a time, spaced (a
+// fleet's processes then keep the server's queue short between them). A
+// pool bounds the quickest time by what the server says of itself, and its
+// establishments after the first wait until it has read that (see
+// pool.WithServerFacts). Whatever the pacer
 // decides, a process opens at most 200 TCP connections a second and has at
 // most 32 establishments in flight, and failed connects back off with full
 // jitter.
@@ -172,17 +172,23 @@ func WithMaxConnecting(n int) Option {
 
 // WithResponseTarget sets the pacer's target, or turns the pacer off with 0.
 //
-// The pacer decides how many connects may await the postmaster's answer at
-// once, from the postmaster's response time on each new connection (from
-// the client's first byte to the server's first byte back: its accept queue
-// plus the fork). It keeps the smallest response time seen as the idle
+// The pacer decides how many establishments may be under way at once, from
+// the server's response time on each new connection: from pgconn's first
+// lookup or dial until the connection is ready, which is the postmaster's
+// accept queue, the fork and the backend's start-up. The start-up counts
+// because it runs on the server's cores beside every other backend
+// starting, after the backend's first byte: a pacer that stopped at that
+// byte left a fleet of 60 pools × 25 driving an unrelated client's connect
+// p99 to 59-73× idle, where the whole establishment keeps it at 12-16×
+// (BENCHMARKS.md). It keeps the quickest establishment seen as the idle
 // baseline, across failures, and probes it alone every 10s or so; while a
 // moving average of recent response times stays within ratio × baseline
 // (or 2ms above the baseline, if more: on a loopback server answering in
 // half a millisecond, a millisecond or two more is the machine's noise,
 // not a queue) it lets more connects wait, doubling per round of connects at
 // first, then one more per round; past it, it lets fewer, in proportion to the excess
-// (by a tenth to a half, once per round). After a transient failure
+// (by a tenth to a half, once per round; at every answer, and by up to
+// seven eighths, past twice the target). After a transient failure
 // (refused, 53300 too_many_connections, 57P03, a timeout) it lets one
 // connect probe, then doubles again. Every client of a server sees the same
 // queue, so a ratio target bounds the connect latency of all of them

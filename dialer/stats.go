@@ -38,7 +38,7 @@ type Stats struct {
 	RecoveryWindow time.Duration // see [Dialer.RecoveryWindow]
 
 	ConnectLimit float64       // connects the pacer lets await the postmaster's answer at once now; below 1, the share of the time one does, spaced (0: pacer off)
-	Baseline     time.Duration // the pacer's baseline: the smallest postmaster response time seen (0: none yet)
+	Baseline     time.Duration // the pacer's baseline: the quickest establishment seen, first lookup or dial to ready (0: none yet)
 	Decreases    int64         // times the pacer's limit fell
 
 	JitterWait  WaitStats // startup jitter

@@ -33,7 +33,8 @@ const (
 	// [WithResponseTarget]).
 	AttrConnectLimit = engine.AttrConnectLimit
 	// AttrPostmasterBaseline is the pacer's baseline when an establishment
-	// ended: the smallest postmaster response time seen, in seconds.
+	// ended: the quickest establishment seen (first lookup or dial to a
+	// ready connection), in seconds.
 	AttrPostmasterBaseline = engine.AttrPostmasterBaseline
 	// AttrTLSRefused is true on a connect span, and on its TLS handshake
 	// span, when the server refused TLS and pgx dialed again in plain text

@@ -154,7 +154,7 @@ func (f *serverFacts) read(c *pgconn.PgConn) (closedBy error) {
 	history := f.reads == 1 || (f.reads == 0 && f.early) || (f.reads > 1 && !now.Before(f.nextHistory))
 	sql, columns := engine.FactsQuery, 1
 	if history {
-		sql, columns = engine.FactsHistoryQuery, 2
+		sql, columns = engine.FactsHistoryQuery, 3
 	}
 	vals, err := intsOf(c.Exec(ctx, sql).ReadAll())
 	if err == nil && len(vals) != columns {
@@ -162,13 +162,13 @@ func (f *serverFacts) read(c *pgconn.PgConn) (closedBy error) {
 	}
 	switch {
 	case err == nil:
-		held, starts := vals[0], 0
+		held, starts, tenth := vals[0], 0, 0
 		if history {
-			starts = vals[1]
+			starts, tenth = vals[1], vals[2]
 			f.nextHistory = now.Add(max(4*f.every, time.Duration(held)*historyPerConn))
 		}
 		f.reads++
-		f.g.LearnFacts(held, starts, time.Now())
+		f.g.LearnFacts(held, starts, tenth, time.Now())
 		f.schedule(held)
 	case cannotRun(err):
 		// An SQL proxy without PostgreSQL's statistics functions, or a

@@ -93,9 +93,9 @@ func WithMaxConnecting(n int) Option {
 }
 
 // WithResponseTarget sets the pacer's target ratio, or turns the pacer off
-// with 0: the pacer lets more of the pool's connects await the postmaster's
-// answer at once while its response time stays within ratio × the smallest
-// one seen, and fewer when it rises past that or a connect fails
+// with 0: the pacer lets more of the pool's establishments be under way at
+// once while they take within ratio × the quickest one seen, and fewer
+// when they take longer or a connect fails
 // transiently. See [dialer.WithResponseTarget]. Default 2
 // ([dialer.DefaultResponseTarget]).
 func WithResponseTarget(ratio float64) Option {
@@ -209,11 +209,13 @@ func WithLifetimeJitter(d time.Duration) Option {
 //
 // A pool of more than one connection also uses the facts while it fills:
 // its first read includes the history, the second comes after 600ms, and
-// the fastest rate they show bounds the pacer's baseline (an idle connect
+// the fastest rate they show (over a second, or over a tenth of one, which
+// a storm shows at once) bounds the pacer's baseline (an idle connect
 // takes at most a round trip and two forks at that rate), so that a pool
 // started inside a fleet's storm does not take the storm's queue for the
-// server's idle speed. Its pacer's limit does not grow until those two
-// reads are done (or one failed).
+// server's idle speed. Its connects after the first wait for the first
+// read (for a second at most), and its pacer's limit does not grow until
+// those two reads are done (or one failed).
 func WithServerFacts(every time.Duration) Option {
 	return optionFunc(func(c *config) {
 		if every < 0 {

@@ -100,9 +100,6 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 		}
 		if conn != nil {
 			r.conn = &tracedConn{Conn: conn}
-			if e.pacerHeld.Load() {
-				r.conn.answered = func(rt time.Duration) { g.answered(e, rt) }
-			}
 			conn = r.conn
 		}
 		e.mu.Lock()
@@ -186,8 +183,6 @@ type tracedConn struct {
 	unanswered   atomic.Bool  // reset or closed by the server before its first byte
 	netConnected atomic.Int64 // when pgconn finished TLS (AfterNetConnect)
 	closed       atomic.Int64
-
-	answered func(rt time.Duration) // called once, with the response time, when the server first answers; may be nil
 }
 
 // sslRequestCode is the protocol's SSLRequest: length 8, code 80877103.
@@ -211,9 +206,6 @@ func (c *tracedConn) Read(b []byte) (int, error) {
 		case n > 0:
 			if c.firstRead.CompareAndSwap(0, time.Now().UnixNano()) {
 				c.firstByte.Store(int32(b[0]) + 1)
-				if c.answered != nil {
-					c.answered(c.responseTime())
-				}
 			}
 		case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
 			c.unanswered.Store(true)

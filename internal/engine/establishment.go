@@ -53,8 +53,8 @@ func establishmentOf(ctx context.Context) *establishment {
 //	closeWatch (Close cancels ctx)  closeWatch()
 //	wait, waitStop                  waitStop()
 //	a connecting slot (holdsSlot)   the slot
-//	a pacer slot (pacerHeld)        given back by the first answer from
-//	                                  the server (see answered), or by end
+//	a pacer slot (pacerHeld)        the slot, after the pacer learns
+//	                                  the establishment's time (release)
 //	the first dial's token          spent by the first dial; refunded by
 //	  (firstDialRefund)               end if the server dropped it unanswered
 //	span                            ended by report
@@ -201,7 +201,8 @@ func (g *Gate) takeSlot(e *establishment) error {
 }
 
 // takePacerSlot waits for one of the pacer's slots: a place among the
-// connects waiting for the postmaster's answer.
+// establishments under way, from the first lookup or dial until the
+// connection is ready.
 func (g *Gate) takePacerSlot(e *establishment) error {
 	if g.pacer == nil {
 		return nil
@@ -225,23 +226,40 @@ func (g *Gate) takePacerSlot(e *establishment) error {
 	return g.pacerSpacing(e)
 }
 
+// awaitFirstFacts waits, holding the pacer's slot, until the pool has read
+// the server's facts on its first connection (see [pacer.factsWait]), or
+// for factsWaitMax at most: the read is a round trip, and a pool whose
+// hooks fail the connection before it runs reads on the next one.
+func (g *Gate) awaitFirstFacts(e *establishment) error {
+	ch := g.pacer.factsWait()
+	if ch == nil {
+		return nil
+	}
+	start := g.startWait(WaitPacer)
+	t := time.NewTimer(factsWaitMax)
+	defer t.Stop()
+	var err error
+	select {
+	case <-ch:
+	case <-t.C:
+	case <-e.wait.Done():
+		err = g.waitError(e, WaitPacer, 0)
+	}
+	g.endWait(e.ctx, WaitPacer, start, time.Now())
+	return err
+}
+
+// factsWaitMax bounds awaitFirstFacts.
+const factsWaitMax = time.Second
+
 // pacerSpacing waits, holding the pacer's one slot, until the pacer admits
 // the next establishment: below a limit of 1 it spaces them (see
 // [pacer.space]). The slot goes back when e ends, whatever the wait did.
 func (g *Gate) pacerSpacing(e *establishment) error {
-	return g.waitUntil(e, g.pacer.admitAt(), WaitPacer)
-}
-
-// answered is called when the server first answers on a connection of e,
-// after rt: the postmaster has forked for it, so e leaves the pacer's
-// count, and rt is the pacer's sample.
-func (g *Gate) answered(e *establishment, rt time.Duration) {
-	if e.pacerHeld.CompareAndSwap(true, false) {
-		// Learn first, so that the slot goes to the next establishment
-		// with the spacing this answer set.
-		g.pacer.succeeded(time.Now(), e.admitted, rt, e.pacerInUse)
-		g.pacer.give()
+	if err := g.awaitFirstFacts(e); err != nil {
+		return err
 	}
+	return g.waitUntil(e, g.pacer.admitAt(), WaitPacer)
 }
 
 // shedIfTooLate sheds a wait of kind, lasting need and ending at t, that
@@ -290,7 +308,7 @@ func (g *Gate) end(e *establishment, err error) {
 	}
 	now := time.Now()
 	class := Classify(err)
-	g.release(e, class)
+	g.release(e, class, now)
 	g.learn(e, class, now)
 	g.report(e, err, class, now)
 	e.cancel(nil)
@@ -302,12 +320,17 @@ func (g *Gate) end(e *establishment, err error) {
 // member also gives back the tokens of an establishment that failed
 // transiently: its reconnect cycle paces its attempts, one a window, and a
 // bucket refilled on its own schedule would add up to a window to each.
-func (g *Gate) release(e *establishment, class Class) {
+// A success teaches the pacer first, so that its slot goes to the next
+// establishment with the limit and spacing it set.
+func (g *Gate) release(e *establishment, class Class, now time.Time) {
 	giveBack := class == Transient && g.tokenGrid() > 0
 	if e.holdsSlot {
 		<-g.slots
 	}
 	if e.pacerHeld.CompareAndSwap(true, false) {
+		if ns := e.netStart.Load(); class == OK && ns != 0 {
+			g.pacer.succeeded(now, e.admitted, now.Sub(time.Unix(0, ns)), e.pacerInUse)
+		}
 		g.pacer.give()
 	}
 	e.closeWatch()
@@ -324,8 +347,7 @@ func (g *Gate) release(e *establishment, class Class) {
 
 // learn counts the outcome and updates what the gate knows of the server:
 // the connect time a success took, or the recovery state and the pacer's
-// fall after a transient failure (the pacer learns response times as they
-// come: see answered).
+// fall after a transient failure (release fed a success to the pacer).
 func (g *Gate) learn(e *establishment, class Class, now time.Time) {
 	switch class {
 	case OK:

@@ -59,7 +59,7 @@ func TestLearnFactsKeepsTheFastestGrowth(t *testing.T) {
 		{time.Minute + 3*time.Second, 5, 20, 150},  // the fastest is kept
 	}
 	for _, s := range steps {
-		g.LearnFacts(s.held, s.starts, t0.Add(s.at))
+		g.LearnFacts(s.held, s.starts, 0, t0.Add(s.at))
 		if got := g.Facts(); got.Held != s.held || got.PeakRate != s.peak || !got.At.Equal(t0.Add(s.at)) {
 			t.Errorf("after %d at %v: %+v, want held %d, peak %v", s.held, s.at, got, s.held, s.peak)
 		}
@@ -71,8 +71,8 @@ func TestLearnFactsKeepsTheFastestGrowth(t *testing.T) {
 func TestRecoveryWindowFromFactsUnlessAFleetIsConfigured(t *testing.T) {
 	t0 := time.Unix(1_800_000_000, 0)
 	learn := func(g *Gate, held int) {
-		g.LearnFacts(0, 0, t0)
-		g.LearnFacts(held, 0, t0.Add(time.Second)) // a peak of held per second
+		g.LearnFacts(0, 0, 0, t0)
+		g.LearnFacts(held, 0, 0, t0.Add(time.Second)) // a peak of held per second
 	}
 	lone := &Gate{plan: Plan{StartupWindow: time.Second}}
 	if got := lone.RecoveryWindow(); got != time.Second {
@@ -141,13 +141,27 @@ func TestLearnFactsCapsTheBaselineAtTwoForksAndARoundTrip(t *testing.T) {
 	g.pacer.succeeded(t0.Add(700*time.Millisecond), t0, 700*time.Millisecond, 1)
 	g.learnDialTime(300 * time.Microsecond)
 	g.learnDialTime(time.Millisecond) // the quickest handshake is kept
-	g.LearnFacts(100, 0, t0)
+	g.LearnFacts(100, 0, 0, t0)
 	if got := g.pacer.state().baseline; got != 700*time.Millisecond {
 		t.Fatalf("baseline %v with no rate known, want the 700ms measured", got)
 	}
-	g.LearnFacts(120, 40, t0.Add(time.Second)) // 40 forks a second: 25ms each
+	g.LearnFacts(120, 40, 0, t0.Add(time.Second)) // 40 forks a second: 25ms each
 	if got, want := g.pacer.state().baseline, 300*time.Microsecond+50*time.Millisecond; got != want {
 		t.Errorf("baseline %v after a peak of 40/s, want %v", got, want)
+	}
+	// Nine backends started within a tenth of a second: eight forks in
+	// 100ms or less, 12.5ms each at most. A storm shows that in its first
+	// tenth of a second, where a whole second's count comes a second late.
+	g.LearnFacts(130, 10, 9, t0.Add(2*time.Second))
+	if f := g.Facts(); f.ForkRate != 80 || f.PeakRate != 40 {
+		t.Errorf("facts %+v after 9 starts in a tenth, want a fork rate of 80/s and the peak of 40/s kept", f)
+	}
+	if got, want := g.pacer.state().baseline, 300*time.Microsecond+25*time.Millisecond; got != want {
+		t.Errorf("baseline %v after 80 forks a second, want %v", got, want)
+	}
+	g.LearnFacts(130, 10, 2, t0.Add(3*time.Second)) // the fastest is kept
+	if f := g.Facts(); f.ForkRate != 80 {
+		t.Errorf("fork rate %v after a slower read, want the 80/s kept", f.ForkRate)
 	}
 }
 

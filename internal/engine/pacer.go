@@ -9,14 +9,20 @@ import (
 )
 
 // pacer decides how many establishments may be in flight at once, from the
-// postmaster's response time: the time from the client's first byte on a new
-// connection to the server's first byte back, which is the postmaster's
-// queue plus the fork, seen alike by every client of the server. For a
-// single-server queue R ≈ S/(1−ρ), so the ratio of R to its idle value, the
-// baseline, measures the load whoever causes it: a ratio target bounds every
-// client's connect latency however many processes run a pacer, where a
-// fixed number of extra connects per process would leave a queue that grows
-// with the fleet.
+// server's response time: how long an establishment takes from pgconn's
+// first lookup or dial until the connection is ready, which is the
+// postmaster's queue, the fork, and the backend's start-up (authentication
+// and InitPostgres), seen alike by every client of the server. The
+// start-up counts: it comes after the backend's first byte, and it runs on
+// the server's cores beside every other backend starting at once, so a
+// pacer that stopped at the first byte saw part of the load it caused
+// (measured: a fleet of 60 pools × 25 paced on the first byte left an
+// unrelated client's connect p99 at 59-73× idle, on the whole
+// establishment 12-16×; BENCHMARKS.md). For a single-server queue R ≈ S/(1−ρ), so the
+// ratio of R to its idle value, the baseline, measures the load whoever
+// causes it: a ratio target bounds every client's connect latency however
+// many processes run a pacer, where a fixed number of extra connects per
+// process would leave a queue that grows with the fleet.
 //
 // The law, per finished establishment:
 //
@@ -36,14 +42,17 @@ import (
 //     round above it, and below a limit of 1 doubles per answer; not while
 //     fewer than half of the slots were in use (a limit that was not the
 //     constraint says nothing), nor while a pool waits for the server's
-//     facts (holdForFacts).
+//     facts (holdForFacts). A pool's establishments after its first wait
+//     until it has read the facts on that first connection (factsWait).
 //   - smoothed > allowed: the limit is multiplied by allowed ÷ smoothed,
 //     kept within [1/2, 9/10] (a cut too small to matter would leave
 //     pacers sharing a server in a stalemate just above the target), at
 //     most once per round: an establishment admitted before the last
 //     decrease does not decrease it again, unless smoothed is more than
-//     twice allowed (a deep queue's rounds are as long as the queue). The
-//     slow-start threshold becomes the new limit.
+//     twice allowed (a deep queue's rounds are as long as the queue); a
+//     queue that deep is cut by as much as 1/8 (see cut). The slow-start
+//     threshold becomes the new limit. A cap from the server's facts that
+//     shows the answers so far were a queue cuts at once.
 //   - a transient failure (refused, 53300, 57P03, a timeout): the limit
 //     falls to one, a prober, and slow start doubles it from there.
 //   - every 10s or so (±15%, so that processes do not probe together), a
@@ -85,6 +94,8 @@ type pacer struct {
 	ceiling    time.Duration // guarded by mu: what the server's facts say an idle answer takes, at most (0: unknown)
 	notBefore  time.Time     // guarded by mu: below a limit of 1, when the next establishment may be admitted
 	awaitFacts bool          // guarded by mu: the limit does not grow until the server's facts come (see holdForFacts)
+	firstFacts chan struct{} // guarded by mu: closed when the first facts come; nil unless awaited (see factsWait)
+	answers    int64         // guarded by mu: successful establishments fed
 }
 
 // pacerSlack is how far above the baseline the response time may always
@@ -183,6 +194,7 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.answers++
 	switch {
 	case p.baseline == 0 || rt < p.baseline:
 		// A new smallest answer: the queue was empty, whatever slower
@@ -194,7 +206,7 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 	if p.ceiling > 0 && p.baseline > p.ceiling {
 		p.baseline = p.ceiling
 	}
-	allowed := math.Max(p.target*float64(p.baseline), float64(p.baseline+pacerSlack))
+	allowed := p.allowed()
 	if p.limit < 1 && float64(rt) <= allowed {
 		// Below 1 answers come one at a time, baselines apart: an answer
 		// without a queue is the news, and an average over the queue
@@ -226,8 +238,28 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 	if !admitted.After(p.lastShrink) && float64(p.smoothed) <= 2*allowed {
 		return false
 	}
-	p.shrink(now, min(math.Max(0.5, allowed/float64(p.smoothed)), 0.9))
+	p.shrink(now, p.cut(allowed))
 	return true
+}
+
+// cut is the factor by which a response time above allowed multiplies the
+// limit: allowed ÷ smoothed, at most 9/10 (a smaller cut would leave pacers
+// sharing a server in a stalemate just above the target) and at least 1/2,
+// or 1/8 for a queue deeper than twice the target: a pacer that finds
+// itself in a storm's queue has many answers' worth of limit to shed, and
+// its answers are as far apart as the queue is deep; p.mu is held.
+func (p *pacer) cut(allowed float64) float64 {
+	floor := 0.5
+	if float64(p.smoothed) > 2*allowed {
+		floor = 1.0 / 8
+	}
+	return min(math.Max(floor, allowed/float64(p.smoothed)), 0.9)
+}
+
+// allowed is the response time above which the pacer sees a queue; p.mu
+// is held.
+func (p *pacer) allowed() float64 {
+	return math.Max(p.target*float64(p.baseline), float64(p.baseline+pacerSlack))
 }
 
 // probe starts, ends or continues a probe of the baseline, reporting
@@ -313,28 +345,71 @@ func (p *pacer) holdForFacts() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.awaitFacts = p.target > 0
+	if p.awaitFacts && p.firstFacts == nil {
+		p.firstFacts = make(chan struct{})
+	}
 }
 
-// factsRead ends holdForFacts.
+// factsWait returns a channel that is closed when the pool's first read of
+// the server's facts is done, once a connection has been established and
+// until then; otherwise nil. The establishments after a pool's first wait
+// for it: the pool reads the facts on that connection, and until it has, a
+// pacer inside a storm's queue cannot tell the queue from the baseline,
+// and each of a fleet's pools would keep one establishment in it.
+func (p *pacer) factsWait() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.answers == 0 || p.firstFacts == nil {
+		return nil
+	}
+	select {
+	case <-p.firstFacts:
+		return nil
+	default:
+		return p.firstFacts
+	}
+}
+
+// firstFactsCame ends factsWait; p.mu is held.
+func (p *pacer) firstFactsCame() {
+	if p.firstFacts != nil {
+		select {
+		case <-p.firstFacts:
+		default:
+			close(p.firstFacts)
+		}
+	}
+}
+
+// factsRead ends holdForFacts (and factsWait, if a read failed).
 func (p *pacer) factsRead() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.awaitFacts = false
+	p.firstFactsCame()
 }
 
 // capBaseline tells the pacer that an idle answer takes at most ceiling,
 // from what the server says of itself (see [Gate.LearnFacts]): a pacer that
 // started inside a storm measured the storm's queue as its baseline, and
 // would keep it.
-func (p *pacer) capBaseline(ceiling time.Duration) {
+func (p *pacer) capBaseline(now time.Time, ceiling time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.firstFactsCame()
 	if p.target == 0 || ceiling <= 0 {
 		return
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.ceiling = ceiling
-	if p.baseline > ceiling {
-		p.baseline = ceiling
+	if p.baseline <= ceiling {
+		return
+	}
+	p.baseline = ceiling
+	// The answers so far came from inside a queue the pacer could not see
+	// without the cap: cut now rather than an answer later, which is as far
+	// off as the queue is deep.
+	if allowed := p.allowed(); float64(p.smoothed) > allowed {
+		p.shrink(now, p.cut(allowed))
 	}
 }
 

@@ -89,6 +89,13 @@ func TestPacerCutsADeepQueueAtEveryAnswer(t *testing.T) {
 	// Answers of one round come back from a queue of 40 times the target:
 	// each cuts, down to a fraction of one establishment in flight.
 	admitted, now := t0.Add(10*ms), t0.Add(500*ms)
+	// The first answer raises the average to 104ms, ten times the target:
+	// a cut by the most, 1/8.
+	before := p.state().limit
+	p.succeeded(now, admitted, 400*ms, 32)
+	if got := p.state().limit; got != before/8 {
+		t.Fatalf("limit %v after an answer ten times the target, want %v/8", got, before)
+	}
 	for i := range 16 {
 		p.succeeded(now.Add(time.Duration(i)*ms), admitted, 400*ms, 32)
 	}
@@ -119,10 +126,13 @@ func TestPacerBaselineCappedByTheServersFacts(t *testing.T) {
 		t.Fatalf("state %+v", st)
 	}
 	// The server says it forks 40 backends a second: an idle answer takes
-	// 50ms or less, and 600ms is a queue.
-	p.capBaseline(50 * ms)
-	if got := p.state().baseline; got != 50*ms {
-		t.Fatalf("baseline %v after the cap, want 50ms", got)
+	// 50ms or less, and 600ms is a queue, deeper than twice the 100ms
+	// target: the pacer cuts at once, by allowed ÷ smoothed (1/6), rather
+	// than a queue's length later.
+	before := p.state().limit
+	p.capBaseline(t0.Add(600*ms), 50*ms)
+	if st := p.state(); st.baseline != 50*ms || st.decreases != 1 || math.Abs(st.limit-before/6) > 1e-9 {
+		t.Fatalf("state %+v after the cap, want baseline 50ms, limit %v/6 after one decrease", st, before)
 	}
 	if !p.succeeded(t0.Add(time.Second), t0.Add(700*ms), 600*ms, 8) {
 		t.Error("a 600ms answer against a 50ms baseline did not decrease the limit")
@@ -132,10 +142,11 @@ func TestPacerBaselineCappedByTheServersFacts(t *testing.T) {
 	if got := p.state().baseline; got != 20*ms {
 		t.Errorf("baseline %v after a 20ms answer, want 20ms", got)
 	}
-	// A pacer that knows a smaller baseline keeps it.
-	p.capBaseline(50 * ms)
-	if got := p.state().baseline; got != 20*ms {
-		t.Errorf("baseline %v after a cap above it, want 20ms", got)
+	// A pacer that knows a smaller baseline keeps it, and its limit.
+	kept := p.state()
+	p.capBaseline(t0.Add(3*time.Second), 50*ms)
+	if got := p.state(); got != kept {
+		t.Errorf("state %+v after a cap above the baseline, want %+v", got, kept)
 	}
 }
 
@@ -425,7 +436,7 @@ func TestPacersBelowOneInFlightKeepAFleetsQueueShort(t *testing.T) {
 	pacers := make([]*pacer, fleet)
 	for i := range pacers {
 		pacers[i] = newPacer(2, 1, 32, half)
-		pacers[i].capBaseline(2 * service)
+		pacers[i].capBaseline(t0, 2*service)
 	}
 	const run = 60 * time.Second
 	limits, rts := simulate(srv, pacers, t0, t0.Add(run))
@@ -444,4 +455,53 @@ func TestPacersBelowOneInFlightKeepAFleetsQueueShort(t *testing.T) {
 		t.Errorf("%v answers in %v, want at least 70%% of the %v the server could give", got, run, most)
 	}
 	t.Logf("median response time %v; limits sum to %.2f; %d answers of %d possible", median(last), total, len(rts), run/service)
+}
+
+// A pool's establishments after its first wait until the pool has read
+// the server's facts on that first connection: until then a pacer inside a
+// storm's queue cannot tell the queue from its baseline. Nothing waits
+// before the first answer, nor after the first facts, nor in a pool that
+// does not read them.
+func TestPacerFactsWaitHoldsAfterTheFirstAnswerUntilTheFirstFacts(t *testing.T) {
+	p := newPacer(2, 1, 32, half)
+	p.holdForFacts()
+	if ch := p.factsWait(); ch != nil {
+		t.Fatal("the first establishment waits for facts no connection could have read")
+	}
+	p.succeeded(t0.Add(5*ms), t0, 5*ms, 1)
+	ch := p.factsWait()
+	if ch == nil {
+		t.Fatal("the second establishment does not wait for the facts")
+	}
+	select {
+	case <-ch:
+		t.Fatal("the wait ended before the facts came")
+	default:
+	}
+	p.capBaseline(t0.Add(6*ms), 0) // facts with no rate in them end it too
+	select {
+	case <-ch:
+	default:
+		t.Fatal("the wait did not end when the facts came")
+	}
+	if p.factsWait() != nil {
+		t.Error("establishments still wait after the facts came")
+	}
+
+	q := newPacer(2, 1, 32, half) // a single-connection pool's: no facts awaited
+	q.succeeded(t0.Add(5*ms), t0, 5*ms, 1)
+	if q.factsWait() != nil {
+		t.Error("a pacer that awaits no facts makes establishments wait")
+	}
+
+	r := newPacer(2, 1, 32, half) // a read that failed ends the wait
+	r.holdForFacts()
+	r.succeeded(t0.Add(5*ms), t0, 5*ms, 1)
+	ch = r.factsWait()
+	r.factsRead()
+	select {
+	case <-ch:
+	default:
+		t.Error("a failed read did not end the wait")
+	}
 }

@@ -42,7 +42,7 @@ type Server struct {
 	state    state                 // guarded by mu
 	gen      int                   // guarded by mu: restarts so far
 	backends map[*pending]struct{} // guarded by mu: client backends
-	starts   map[int64]int         // guarded by mu: client backends by the second they started
+	starts   map[int64]int         // guarded by mu: client backends by the tenth of a second they started
 	pids     int                   // guarded by mu: backends forked, for their pids
 	cpu      [10]time.Duration     // guarded by mu: the queries' CPU in each tenth of the last second
 	cpuSlot  int64                 // guarded by mu: the tenth of a second cpu's newest slot is
@@ -182,6 +182,7 @@ func (s *Server) backend(p *pending, pid int) {
 	}
 	s.mu.Lock()
 	var fatal *pgproto3.ErrorResponse
+	started := time.Now().UnixMilli() / 100
 	switch {
 	case p.gen != s.gen:
 		s.mu.Unlock()
@@ -193,7 +194,7 @@ func (s *Server) backend(p *pending, pid int) {
 		fatal = &pgproto3.ErrorResponse{Severity: "FATAL", Code: "53300", Message: "sorry, too many clients already"}
 	default:
 		s.backends[p] = struct{}{}
-		s.starts[time.Now().Unix()]++
+		s.starts[started]++
 	}
 	s.mu.Unlock()
 	if fatal != nil {
@@ -202,7 +203,6 @@ func (s *Server) backend(p *pending, pid int) {
 		_ = p.conn.Close()
 		return
 	}
-	started := time.Now().Unix()
 	defer s.exit(p, started)
 
 	be.Send(&pgproto3.AuthenticationOk{})
@@ -299,11 +299,13 @@ func (s *Server) answer(be *pgproto3.Backend, sql string) {
 		s.mu.Unlock()
 	case engine.FactsHistoryQuery:
 		s.mu.Lock()
-		most := 0
-		for _, n := range s.starts {
-			most = max(most, n)
+		seconds := map[int64]int{}
+		most, tenth := 0, 0
+		for t, n := range s.starts {
+			seconds[t/10] += n
+			most, tenth = max(most, seconds[t/10]), max(tenth, n)
 		}
-		vals = []int{len(s.backends), most}
+		vals = []int{len(s.backends), most, tenth}
 		s.mu.Unlock()
 	default:
 		vals = []int{1}
