@@ -161,8 +161,8 @@ func (g *Gate) RecoveryWindow() time.Duration {
 
 // FactsWindow is the window over which the connections the server held
 // can come back at a rate it has served: f.Held at the larger of
-// [FactsShare] of f.PeakRate and a quarter of the rate of a postmaster
-// whose every connect took baseline (0: unknown), capped at
+// [FactsShare] of f.PeakRate and a quarter of the rate of a server whose
+// every establishment took baseline (0: unknown), capped at
 // [MaxRecoveryWindow]. With neither rate known it is 0.
 func FactsWindow(f ServerFacts, baseline time.Duration) time.Duration {
 	budget := f.PeakRate * FactsShare
