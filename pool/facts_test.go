@@ -367,3 +367,45 @@ func TestTheFactsReadWaitsAsLongAsConnectsTake(t *testing.T) {
 		t.Errorf("%d dials, facts read at %v: want one connection, kept, and the facts read on it", n, s.ServerFactsAt)
 	}
 }
+
+// A process whose only handshakes met a storm (an accept queue that made
+// them take a second) bounds its pacer's baseline by a facts query's round
+// trip instead: the bound is a round trip and two forks, and a round trip
+// taken from those handshakes would leave the baseline, and the spacing
+// below one connect in flight that it sets, a second long.
+func TestTheFactsReadsRoundTripBoundsTheBaseline(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	holdOthers(t, c, 20) // a rate for the history to show
+	cfg, err := pgxpool.ParseConfig(c.ConnString("", "pool_max_conns=1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const slowHandshake = time.Second
+	var nd net.Dialer
+	cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := nd.DialContext(ctx, network, addr)
+		if err == nil {
+			time.Sleep(slowHandshake) // as the handshake the gate times
+		}
+		return conn, err
+	}
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx := context.Background()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Dialer().Stats().ServerPeakRate == 0 { // the second read, with the history
+		if time.Now().After(deadline) {
+			t.Fatal("no history read within 10s")
+		}
+		if _, err := p.Exec(ctx, "select 1"); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond) // the next Acquire runs a due read
+	}
+	if st := p.Dialer().Stats(); st.Baseline >= slowHandshake/2 {
+		t.Errorf("pacer baseline %v after the facts (peak %v/s), want it bounded by a query's round trip and two forks, far below the %v handshake", st.Baseline, st.ServerPeakRate, slowHandshake)
+	}
+}

@@ -96,7 +96,7 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 		}
 		r.end, r.err = time.Now(), err
 		if err == nil {
-			g.learnDialTime(r.end.Sub(r.start))
+			g.LearnRoundTrip(r.end.Sub(r.start))
 		}
 		if conn != nil {
 			r.conn = &tracedConn{Conn: conn}
@@ -109,12 +109,18 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 	}
 }
 
-// learnDialTime keeps the quickest TCP handshake seen: the kernel answers
-// it, not the postmaster, so it is the network's round trip.
-func (g *Gate) learnDialTime(d time.Duration) {
+// LearnRoundTrip keeps the quickest round trip seen, an upper bound on the
+// network's: a TCP handshake (the kernel answers it, not the postmaster) or
+// a query on a connection the server already holds. Both, because a
+// process that dialed once or twice may have dialed only inside a storm,
+// whose accept queue made its handshakes take hundreds of milliseconds (a
+// restart's single-connection workers: 600ms, against a loopback round
+// trip of a tenth of one), and the bound on the pacer's baseline it feeds
+// ([Gate.LearnFacts]) would be as loose.
+func (g *Gate) LearnRoundTrip(d time.Duration) {
 	for {
-		old := g.dialRTT.Load()
-		if d = max(d, 1); old != 0 && old <= int64(d) || g.dialRTT.CompareAndSwap(old, int64(d)) {
+		old := g.roundTrip.Load()
+		if d = max(d, 1); old != 0 && old <= int64(d) || g.roundTrip.CompareAndSwap(old, int64(d)) {
 			return
 		}
 	}

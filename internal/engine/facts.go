@@ -83,11 +83,10 @@ const idleForks = 2
 //
 // The fastest rate also bounds the pacer's baseline: a postmaster that
 // forked PeakRate (or ForkRate) backends in a second spends at most
-// 1/PeakRate on one, so
-// an idle connect answers within a round trip (the quickest TCP handshake
-// seen) and [idleForks] times that, and a pacer that measured more (its
-// first connects met a storm's queue) takes that bound as its baseline
-// instead.
+// 1/PeakRate on one, so an idle connect answers within a round trip (the
+// quickest seen, see [Gate.LearnRoundTrip]) and [idleForks] times that,
+// and a pacer that measured more (its first connects met a storm's queue)
+// takes that bound as its baseline instead.
 func (g *Gate) LearnFacts(held, peakStarts, tenthStarts int, at time.Time) {
 	for {
 		old := g.facts.Load()
@@ -103,7 +102,7 @@ func (g *Gate) LearnFacts(held, peakStarts, tenthStarts int, at time.Time) {
 			if g.pacer != nil {
 				var ceiling time.Duration // unknown
 				if rate := math.Max(f.PeakRate, f.ForkRate); rate > 0 {
-					ceiling = time.Duration(g.dialRTT.Load()) + time.Duration(idleForks*float64(time.Second)/rate)
+					ceiling = time.Duration(g.roundTrip.Load()) + time.Duration(idleForks*float64(time.Second)/rate)
 				}
 				g.pacer.capBaseline(at, ceiling)
 			}

@@ -139,8 +139,8 @@ func TestLearnFactsCapsTheBaselineAtTwoForksAndARoundTrip(t *testing.T) {
 	g := &Gate{pacer: newPacer(2, 1, 32, half)}
 	t0 := time.Unix(1_800_000_000, 0)
 	g.pacer.succeeded(t0.Add(700*time.Millisecond), t0, 700*time.Millisecond, 1)
-	g.learnDialTime(300 * time.Microsecond)
-	g.learnDialTime(time.Millisecond) // the quickest handshake is kept
+	g.LearnRoundTrip(300 * time.Microsecond)
+	g.LearnRoundTrip(time.Millisecond) // the quickest handshake is kept
 	g.LearnFacts(100, 0, 0, t0)
 	if got := g.pacer.state().baseline; got != 700*time.Millisecond {
 		t.Fatalf("baseline %v with no rate known, want the 700ms measured", got)

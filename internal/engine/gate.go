@@ -56,9 +56,9 @@ type Gate struct {
 
 	inflight atomic.Int32 // establishments between begin and end
 
-	// dialRTT is the quickest TCP handshake seen, in nanoseconds (0: none
-	// yet): the network's round trip.
-	dialRTT atomic.Int64
+	// roundTrip is the quickest round trip seen, in nanoseconds (0: none
+	// yet): a TCP handshake or a facts query (see LearnRoundTrip).
+	roundTrip atomic.Int64
 
 	// connectTime is a moving average of how long successful
 	// establishments took once admitted, in nanoseconds (0: none yet).
