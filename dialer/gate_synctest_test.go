@@ -539,6 +539,17 @@ func cancelRequest(pid uint32) []byte {
 	return binary.BigEndian.AppendUint32([]byte{0, 0, 0, 16, 4, 210, 22, 46}, pid)[:12:12]
 }
 
+// readStartup reads the client's startup message, reporting whether it
+// came whole.
+func readStartup(server net.Conn) bool {
+	var n [4]byte
+	if _, err := io.ReadFull(server, n[:]); err != nil {
+		return false
+	}
+	_, err := io.CopyN(io.Discard, server, int64(binary.BigEndian.Uint32(n[:]))-4)
+	return err == nil
+}
+
 // drain reads what the client sends until it closes.
 func drain(server net.Conn) { _, _ = io.Copy(io.Discard, server) }
 
@@ -547,11 +558,7 @@ func drain(server net.Conn) { _, _ = io.Copy(io.Discard, server) }
 // client leaves.
 func acceptAfter(took time.Duration) func(net.Conn) {
 	return func(server net.Conn) {
-		var n [4]byte
-		if _, err := io.ReadFull(server, n[:]); err != nil {
-			return
-		}
-		if _, err := io.CopyN(io.Discard, server, int64(binary.BigEndian.Uint32(n[:]))-4); err != nil {
+		if !readStartup(server) {
 			return
 		}
 		time.Sleep(took)
@@ -1008,11 +1015,7 @@ func TestSynctestFleetMemberSendsNoCancelItMustWaitFor(t *testing.T) {
 // work, which runs beside every other backend starting at once.
 func answerThenReady(fork, startup time.Duration) func(net.Conn) {
 	return func(server net.Conn) {
-		var n [4]byte
-		if _, err := io.ReadFull(server, n[:]); err != nil {
-			return
-		}
-		if _, err := io.CopyN(io.Discard, server, int64(binary.BigEndian.Uint32(n[:]))-4); err != nil {
+		if !readStartup(server) {
 			return
 		}
 		time.Sleep(fork)
@@ -1035,18 +1038,7 @@ func TestSynctestPacerHoldsItsSlotUntilTheConnectionIsReady(t *testing.T) {
 		f := &fakeDials{serve: answerThenReady(fork, startup)}
 		d, cfg := fakeInstalled(t, f, WithStartupJitter(0))
 		start := time.Now()
-		var wg sync.WaitGroup
-		for range 2 {
-			wg.Go(func() {
-				c, err := pgx.ConnectConfig(context.Background(), cfg)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				c.Close(context.Background())
-			})
-		}
-		wg.Wait()
+		connectAll(t, 2, func() (*pgx.Conn, error) { return pgx.ConnectConfig(context.Background(), cfg) })
 		f.mu.Lock()
 		times := f.times
 		f.mu.Unlock()

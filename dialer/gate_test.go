@@ -190,18 +190,7 @@ func TestMaxConnectingCapsEstablishmentsInFlight(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	for range callers {
-		wg.Go(func() {
-			c, err := d.Connect(context.Background(), cfg)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			c.Close(context.Background())
-		})
-	}
-	wg.Wait()
+	connectAll(t, callers, func() (*pgx.Conn, error) { return d.Connect(context.Background(), cfg) })
 	if p := peak.Load(); p != limit {
 		t.Errorf("peak establishments in flight = %d, want exactly %d (capped, and reached)", p, limit)
 	}
@@ -490,4 +479,22 @@ func TestMultiHostDeadHostIsBackedOffNotHammered(t *testing.T) {
 			}
 		})
 	}
+}
+
+// connectAll runs connect n times at once, closing each connection it
+// makes, and returns when all have.
+func connectAll(t *testing.T, n int, connect func() (*pgx.Conn, error)) {
+	t.Helper()
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			c, err := connect()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			c.Close(context.Background())
+		})
+	}
+	wg.Wait()
 }
