@@ -156,7 +156,6 @@ func (f *serverFacts) read(c *pgconn.PgConn) (closedBy error) {
 	if history {
 		sql, columns = engine.FactsHistoryQuery, 3
 	}
-	sent := time.Now()
 	vals, err := intsOf(c.Exec(ctx, sql).ReadAll())
 	if err == nil && len(vals) != columns {
 		err = errFactsReply
@@ -165,7 +164,7 @@ func (f *serverFacts) read(c *pgconn.PgConn) (closedBy error) {
 		// A round trip, and the query's work: an upper bound on the
 		// network's round trip, where a process's few handshakes may
 		// all have met a storm ([engine.Gate.LearnRoundTrip]).
-		f.g.LearnRoundTrip(time.Since(sent))
+		f.g.LearnRoundTrip(time.Since(now))
 	}
 	switch {
 	case err == nil:

@@ -115,7 +115,7 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 // process that dialed once or twice may have dialed only inside a storm,
 // whose accept queue made its handshakes take hundreds of milliseconds (a
 // restart's single-connection workers: 600ms, against a loopback round
-// trip of a tenth of one), and the bound on the pacer's baseline it feeds
+// trip of a tenth of a millisecond), and the bound on the pacer's baseline it feeds
 // ([Gate.LearnFacts]) would be as loose.
 func (g *Gate) LearnRoundTrip(d time.Duration) {
 	for {

@@ -79,7 +79,7 @@ type establishment struct {
 
 	admitErr        error                  // why admit refused; set before pgx dials or looks up anything
 	holdsSlot       bool                   // a connecting slot is held
-	pacerHeld       atomic.Bool            // a pacer slot is held
+	pacerHeld       bool                   // a pacer slot is held
 	pacerInUse      int                    // pacer slots held, this one included, when it was taken
 	firstDialRefund atomic.Pointer[func()] // gives back the token admit took for the first dial; taken by it
 	ended           atomic.Bool
@@ -209,7 +209,7 @@ func (g *Gate) takePacerSlot(e *establishment) error {
 	}
 	if ok, inUse := g.pacer.tryTake(); ok {
 		e.pacerInUse = inUse
-		e.pacerHeld.Store(true)
+		e.pacerHeld = true
 		return g.pacerSpacing(e)
 	}
 	start := g.startWait(WaitPacer)
@@ -219,7 +219,7 @@ func (g *Gate) takePacerSlot(e *establishment) error {
 		return g.waitError(e, WaitPacer, 0)
 	}
 	e.pacerInUse = inUse
-	e.pacerHeld.Store(true)
+	e.pacerHeld = true
 	if e.wait.Err() != nil {
 		return g.waitError(e, WaitPacer, 0)
 	}
@@ -327,7 +327,8 @@ func (g *Gate) release(e *establishment, class Class, now time.Time) {
 	if e.holdsSlot {
 		<-g.slots
 	}
-	if e.pacerHeld.CompareAndSwap(true, false) {
+	if e.pacerHeld {
+		e.pacerHeld = false
 		if ns := e.netStart.Load(); class == OK && ns != 0 {
 			g.pacer.succeeded(now, e.admitted, now.Sub(time.Unix(0, ns)), e.pacerInUse)
 		}

@@ -95,7 +95,6 @@ type pacer struct {
 	notBefore  time.Time     // guarded by mu: below a limit of 1, when the next establishment may be admitted
 	awaitFacts bool          // guarded by mu: the limit does not grow until the server's facts come (see holdForFacts)
 	firstFacts chan struct{} // guarded by mu: closed when the first facts come; nil unless awaited (see factsWait)
-	answers    int64         // guarded by mu: successful establishments fed
 }
 
 // pacerSlack is how far above the baseline the response time may always
@@ -194,7 +193,6 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.answers++
 	switch {
 	case p.baseline == 0 || rt < p.baseline:
 		// A new smallest answer: the queue was empty, whatever slower
@@ -359,7 +357,7 @@ func (p *pacer) holdForFacts() {
 func (p *pacer) factsWait() <-chan struct{} {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.answers == 0 || p.firstFacts == nil {
+	if p.baseline == 0 || p.firstFacts == nil { // no establishment yet
 		return nil
 	}
 	select {
