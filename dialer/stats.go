@@ -37,7 +37,7 @@ type Stats struct {
 	ServerFactsAt  time.Time     // when ServerConns was read
 	RecoveryWindow time.Duration // see [Dialer.RecoveryWindow]
 
-	ConnectLimit float64       // connects the pacer lets await the postmaster's answer at once now; below 1, the share of the time one does, spaced (0: pacer off)
+	ConnectLimit float64       // connects the pacer lets be under way at once now, first dial to ready; below 1, the share of the time one is, spaced (0: pacer off)
 	Baseline     time.Duration // the pacer's baseline: the quickest establishment seen, first lookup or dial to ready (0: none yet)
 	Decreases    int64         // times the pacer's limit fell
 

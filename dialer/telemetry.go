@@ -28,9 +28,8 @@ const (
 	AttrPostmasterResponseTime = engine.AttrPostmasterResponseTime
 	// AttrDials is how many TCP connections an establishment opened.
 	AttrDials = engine.AttrDials
-	// AttrConnectLimit is how many connects the pacer let await the
-	// postmaster's answer at once when an establishment ended (see
-	// [WithResponseTarget]).
+	// AttrConnectLimit is how many connects the pacer let be under way at
+	// once when an establishment ended (see [WithResponseTarget]).
 	AttrConnectLimit = engine.AttrConnectLimit
 	// AttrPostmasterBaseline is the pacer's baseline when an establishment
 	// ended: the quickest establishment seen (first lookup or dial to a

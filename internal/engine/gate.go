@@ -52,7 +52,7 @@ type Gate struct {
 	startupOver atomic.Bool // startupEnd has passed
 
 	slots chan struct{} // connecting slots; a send takes one
-	pacer *pacer        // how many connects may await the postmaster's answer; nil: off
+	pacer *pacer        // how many establishments may be under way; nil: off
 
 	inflight atomic.Int32 // establishments between begin and end
 
@@ -238,8 +238,8 @@ func (g *Gate) Close() {
 	}
 }
 
-// PacerState reports the pacer's limit on connects awaiting the
-// postmaster's answer, its baseline response time (0 before the first) and
+// PacerState reports the pacer's limit on establishments under way, its
+// baseline, the quickest establishment seen (0 before the first), and
 // how often the limit fell; all zero with the pacer off.
 func (g *Gate) PacerState() (limit float64, baseline time.Duration, decreases int64) {
 	if g.pacer == nil {

@@ -122,10 +122,10 @@ func newTelemetry(cfg *Config) (*telemetry, error) {
 		metric.WithDescription("Time connection establishments waited in pgstagger's gate, by kind of wait."))
 	err = errors.Join(err, e)
 	t.limit, e = m.Float64ObservableGauge("pgstagger.connect.limit", metric.WithUnit("{connection}"),
-		metric.WithDescription("Connects the pacer lets await the postmaster's answer at once; below 1, the share of the time one does."))
+		metric.WithDescription("Connects the pacer lets be under way at once, first dial to ready; below 1, the share of the time one is."))
 	err = errors.Join(err, e)
 	t.baseline, e = m.Float64ObservableGauge("pgstagger.postmaster.baseline", metric.WithUnit("s"),
-		metric.WithDescription("The smallest postmaster response time seen: the pacer's idle baseline."))
+		metric.WithDescription("The quickest establishment seen, first dial to ready: the pacer's idle baseline."))
 	err = errors.Join(err, e)
 	t.serverConns, e = m.Int64ObservableGauge("pgstagger.server.connections", metric.WithUnit("{connection}"),
 		metric.WithDescription("Connections to a database the server held when the pool last counted them."))
