@@ -43,9 +43,9 @@ func fill(t *testing.T, p *Pool, n int) {
 	}
 }
 
-// A pool filling on a quiet server lets more of its connects await the
-// postmaster as it answers near its idle response time; filling again while
-// another client loads the postmaster, it lets fewer.
+// A pool filling on a quiet server lets more of its connects be under way
+// as they take about as long as the quickest; filling again while another
+// client loads the postmaster, it lets fewer.
 func TestPacerBacksOffWhileAnotherClientLoadsThePostmaster(t *testing.T) {
 	const size = 4
 	// A cluster of its own: on the package's shared one, the backends of
@@ -63,10 +63,25 @@ func TestPacerBacksOffWhileAnotherClientLoadsThePostmaster(t *testing.T) {
 	// reading them holds at its initial limit until two reads are done.
 	p := newPool(t, c.ConnString("", fmt.Sprintf("pool_max_conns=%d", size)), WithStartupJitter(0), WithConnectRate(rate.Inf, 1),
 		WithServerFacts(0))
-	fill(t, p, size)
+	// One connection at a time: the pacer times whole establishments, and
+	// on 2 cores shared with this client (slowed by -race) the pool's own
+	// connects in parallel would slow each other, which is not the
+	// postmaster's queue this test is about. The limit still grows while
+	// it is the constraint: to 2, then 3.
+	held := make([]*pgxpool.Conn, 0, size)
+	for range size {
+		conn, err := p.Acquire(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, conn)
+	}
+	for _, conn := range held {
+		conn.Release()
+	}
 	quiet := p.Dialer().Stats()
-	if quiet.Baseline <= 0 || quiet.ConnectLimit <= engine.InitialConnecting {
-		t.Fatalf("after filling on a quiet server: %+v; want a baseline and a limit above the initial %d", quiet, engine.InitialConnecting)
+	if quiet.Baseline <= 0 || quiet.ConnectLimit <= engine.InitialConnecting || quiet.Decreases != 0 {
+		t.Fatalf("after filling on a quiet server: %+v; want a baseline, a limit above the initial %d and no decrease", quiet, engine.InitialConnecting)
 	}
 	url := c.ConnString("")
 
@@ -105,8 +120,10 @@ func TestPacerBacksOffWhileAnotherClientLoadsThePostmaster(t *testing.T) {
 	under := p.Dialer().Stats()
 	stopLoad()
 	load.Wait()
-	if under.Decreases <= quiet.Decreases || under.ConnectLimit >= quiet.ConnectLimit {
-		t.Errorf("under load: limit %.1f after %d decreases; on the quiet server: %.1f after %d; want fewer in flight, after a decrease",
+	// Fewer: the limit fell. Where it ends depends on when the load's
+	// queue drained, and it may have grown back since.
+	if under.Decreases <= quiet.Decreases {
+		t.Errorf("under load: limit %.1f after %d decreases; on the quiet server: %.1f after %d; want a decrease",
 			under.ConnectLimit, under.Decreases, quiet.ConnectLimit, quiet.Decreases)
 	}
 	t.Logf("quiet: limit %.1f, baseline %v, %d decreases; under load (%d connects of the other client): limit %.1f, %d decreases",
