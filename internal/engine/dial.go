@@ -116,11 +116,22 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 // whose accept queue made its handshakes take hundreds of milliseconds (a
 // restart's single-connection workers: 600ms, against a loopback round
 // trip of a tenth of a millisecond), and the bound on the pacer's baseline it feeds
-// ([Gate.LearnFacts]) would be as loose.
+// ([Gate.LearnFacts]) would be as loose. A quicker round trip tightens
+// that bound at once: a process whose facts were read on a saturated
+// server (a round trip of 50ms) dials again after a restart in a tenth of
+// a millisecond, and its pacer's next spacing should not be sized from the
+// old bound.
 func (g *Gate) LearnRoundTrip(d time.Duration) {
+	d = max(d, 1)
 	for {
 		old := g.roundTrip.Load()
-		if d = max(d, 1); old != 0 && old <= int64(d) || g.roundTrip.CompareAndSwap(old, int64(d)) {
+		if old != 0 && old <= int64(d) {
+			return
+		}
+		if g.roundTrip.CompareAndSwap(old, int64(d)) {
+			if f := g.facts.Load(); f != nil && old != 0 {
+				g.capBaseline(*f, time.Now())
+			}
 			return
 		}
 	}

@@ -99,16 +99,23 @@ func (g *Gate) LearnFacts(held, peakStarts, tenthStarts int, at time.Time) {
 			}
 		}
 		if g.facts.CompareAndSwap(old, &f) {
-			if g.pacer != nil {
-				var ceiling time.Duration // unknown
-				if rate := math.Max(f.PeakRate, f.ForkRate); rate > 0 {
-					ceiling = time.Duration(g.roundTrip.Load()) + time.Duration(idleForks*float64(time.Second)/rate)
-				}
-				g.pacer.capBaseline(at, ceiling)
-			}
+			g.capBaseline(f, at)
 			return
 		}
 	}
+}
+
+// capBaseline bounds the pacer's baseline, at now, by what f and the
+// quickest round trip say an idle connect takes (see LearnFacts).
+func (g *Gate) capBaseline(f ServerFacts, now time.Time) {
+	if g.pacer == nil {
+		return
+	}
+	var ceiling time.Duration // unknown
+	if rate := math.Max(f.PeakRate, f.ForkRate); rate > 0 {
+		ceiling = time.Duration(g.roundTrip.Load()) + time.Duration(idleForks*float64(time.Second)/rate)
+	}
+	g.pacer.capBaseline(now, ceiling)
 }
 
 // AwaitFacts tells the Gate that its pool will read the server's facts on

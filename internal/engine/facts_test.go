@@ -163,6 +163,12 @@ func TestLearnFactsCapsTheBaselineAtTwoForksAndARoundTrip(t *testing.T) {
 	if f := g.Facts(); f.ForkRate != 80 {
 		t.Errorf("fork rate %v after a slower read, want the 80/s kept", f.ForkRate)
 	}
+	// A quicker round trip tightens the bound at once, not at the next
+	// facts read: the spacing the pacer sets next is sized from it.
+	g.LearnRoundTrip(100 * time.Microsecond)
+	if got, want := g.pacer.state().baseline, 100*time.Microsecond+25*time.Millisecond; got != want {
+		t.Errorf("baseline %v after a 100µs round trip, want %v", got, want)
+	}
 }
 
 // A pool holds its pacer's limit until it has read the server's facts:
