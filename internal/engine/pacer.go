@@ -17,7 +17,7 @@ import (
 // the server's cores beside every other backend starting at once, so a
 // pacer that stopped at the first byte saw part of the load it caused
 // (measured: a fleet of 60 pools × 25 paced on the first byte left an
-// unrelated client's connect p99 at 59-73× idle, on the whole
+// unrelated client's connect p99 at 35-73× idle, on the whole
 // establishment 12-20×; BENCHMARKS.md). For a single-server queue R ≈ S/(1−ρ), so the
 // ratio of R to its idle value, the baseline, measures the load whoever
 // causes it: a ratio target bounds every client's connect latency however
