@@ -179,7 +179,7 @@ func WithMaxConnecting(n int) Option {
 // because it runs on the server's cores beside every other backend
 // starting, after the backend's first byte: a pacer that stopped at that
 // byte left a fleet of 60 pools × 25 driving an unrelated client's connect
-// p99 to 35-73× idle, where the whole establishment keeps it at 12-20×
+// p99 to 35-73× idle, where the whole establishment keeps it at 12-22×
 // (BENCHMARKS.md). It keeps the quickest establishment seen as the idle
 // baseline, across failures, and probes it alone every 10s or so; while a
 // moving average of recent response times stays within ratio × baseline
