@@ -18,11 +18,12 @@ import (
 // pacer that stopped at the first byte saw part of the load it caused
 // (measured: a fleet of 60 pools × 25 paced on the first byte left an
 // unrelated client's connect p99 at 35-73× idle, on the whole
-// establishment 12-22×; BENCHMARKS.md). For a single-server queue R ≈ S/(1−ρ), so the
-// ratio of R to its idle value, the baseline, measures the load whoever
-// causes it: a ratio target bounds every client's connect latency however
-// many processes run a pacer, where a fixed number of extra connects per
-// process would leave a queue that grows with the fleet.
+// establishment 12-22×; BENCHMARKS.md). For a single-server queue
+// R ≈ S/(1−ρ), so the ratio of R to its idle value, the baseline, measures
+// the load whoever causes it: a ratio target bounds every client's connect
+// latency however many processes run a pacer, where a fixed number of
+// extra connects per process would leave a queue that grows with the
+// fleet.
 //
 // The law, per finished establishment:
 //
