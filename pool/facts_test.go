@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -407,5 +408,62 @@ func TestTheFactsReadsRoundTripBoundsTheBaseline(t *testing.T) {
 	}
 	if st := p.Dialer().Stats(); st.Baseline >= slowHandshake/2 {
 		t.Errorf("pacer baseline %v after the facts (peak %v/s), want it bounded by a query's round trip and two forks, far below the %v handshake", st.Baseline, st.ServerPeakRate, slowHandshake)
+	}
+}
+
+// slowFactsRead is a connection whose facts history query goes out after
+// delay, and which records when it did.
+type slowFactsRead struct {
+	net.Conn
+	delay time.Duration
+	sent  *atomic.Int64 // unix nanoseconds
+}
+
+func (c slowFactsRead) Write(b []byte) (int, error) {
+	if bytes.Contains(b, []byte("pg_stat_get_backend_start")) {
+		time.Sleep(c.delay)
+		defer c.sent.CompareAndSwap(0, time.Now().UnixNano())
+	}
+	return c.Conn.Write(b)
+}
+
+// A pool of several connections makes its second only once it has read
+// the server's facts on its first: until then its pacer cannot tell a
+// storm's queue from its baseline.
+func TestAPoolsSecondConnectWaitsForTheFirstFactsRead(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	cfg, err := pgxpool.ParseConfig(c.ConnString("", "pool_max_conns=3", "pool_min_conns=3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const delay = 300 * time.Millisecond
+	var sent atomic.Int64
+	var mu sync.Mutex
+	var dials []time.Time
+	wrapDials(cfg, func(conn net.Conn) net.Conn {
+		mu.Lock()
+		dials = append(dials, time.Now())
+		mu.Unlock()
+		return slowFactsRead{conn, delay, &sent}
+	})
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Stat().IdleConns() < 3 { // TotalConns counts connections being made too
+		if time.Now().After(deadline) {
+			t.Fatal("the pool did not fill its 3 connections within 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if sent.Load() == 0 || len(dials) < 2 {
+		t.Fatalf("facts read sent at %d, %d dials: want a read and at least 2 dials", sent.Load(), len(dials))
+	}
+	if readAt := time.Unix(0, sent.Load()); dials[1].Before(readAt) {
+		t.Errorf("second dial %v before the first facts read went out (the read was held %v): it must wait for it", readAt.Sub(dials[1]), delay)
 	}
 }

@@ -82,8 +82,8 @@ const idleForks = 2
 // previous read as a rate, keeping the fastest rates.
 //
 // The fastest rate also bounds the pacer's baseline: a postmaster that
-// forked PeakRate (or ForkRate) backends in a second spends at most
-// 1/PeakRate on one, so an idle connect answers within a round trip (the
+// forked rate backends in a second (PeakRate or ForkRate, the larger)
+// spends at most 1/rate on one, so an idle connect answers within a round trip (the
 // quickest seen, see [Gate.LearnRoundTrip]) and [idleForks] times that,
 // and a pacer that measured more (its first connects met a storm's queue)
 // takes that bound as its baseline instead.
