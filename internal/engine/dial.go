@@ -117,11 +117,10 @@ func (g *Gate) dialFunc(next pgconn.DialFunc, group string) pgconn.DialFunc {
 // restart's single-connection workers: 600ms, against a loopback round
 // trip of a tenth of a millisecond), and the bound on the pacer's
 // baseline it feeds ([Gate.LearnFacts]) would be as loose. A quicker
-// round trip tightens
-// that bound at once: a process whose facts were read on a saturated
-// server (a round trip of 50ms) dials again after a restart in a tenth of
-// a millisecond, and its pacer's next spacing should not be sized from the
-// old bound.
+// round trip tightens that bound at once: a process whose facts were read
+// on a saturated server (a round trip of 50ms) dials again after a restart
+// in a tenth of a millisecond, and its pacer's next spacing should not be
+// sized from the old bound.
 func (g *Gate) LearnRoundTrip(d time.Duration) {
 	d = max(d, 1)
 	for {
