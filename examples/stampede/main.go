@@ -171,12 +171,12 @@ func startScenario(ctx context.Context, out io.Writer, o options, idle time.Dura
 		return err
 	}
 	var results []runResult
-	for i, rc := range runs {
-		if i > 0 {
-			// Start each run on a quiet server.
-			if err := waitQuiet(ctx, o.srv, idle); err != nil {
-				return err
-			}
+	for _, rc := range runs {
+		// Start each run on a quiet server: the capacity measurement, or
+		// the run before, leaves a backlog that the bystander's first
+		// connects would otherwise wait in.
+		if err := waitQuiet(ctx, o.srv, idle); err != nil {
+			return err
 		}
 		rc.srv, rc.fleet, rc.conns, rc.deadline = o.srv, o.fleet, o.conns, o.deadline
 		fmt.Fprintf(out, "%s: %d workers × %d connection(s) start at once...\n", rc.name, o.fleet, o.conns)
