@@ -188,7 +188,11 @@ func WithMaxConnecting(n int) Option {
 // not a queue) it lets more connects wait, doubling per round of connects at
 // first, then one more per round; past it, it lets fewer, in proportion to the excess
 // (by a tenth to a half, once per round; at every answer, and by up to
-// seven eighths, past twice the target). After a transient failure
+// seven eighths, past twice the target). Below one connect under way it
+// has one under way the share of the time it allows, at least 1/64: after
+// each answer it pauses in proportion to the time the answer took (as much
+// as the target allows), and each answer within the target adds an
+// eighth. After a transient failure
 // (refused, 53300 too_many_connections, 57P03, a timeout) it lets one
 // connect probe, then doubles again. Every client of a server sees the same
 // queue, so a ratio target bounds the connect latency of all of them

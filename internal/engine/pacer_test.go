@@ -103,18 +103,25 @@ func TestPacerCutsADeepQueueAtEveryAnswer(t *testing.T) {
 	if st.limit >= 1 || st.decreases < 8 {
 		t.Fatalf("after 16 answers from a deep queue: %+v, want a limit below 1", st)
 	}
-	// Below 1 the pacer spaces its admissions by baselines: limit l lets
-	// one in flight every 1/l baselines.
+	// Below 1 the pacer has one establishment in flight the share l of
+	// the time: after an answer that took rt it waits (1/l − 1) × rt, with
+	// rt no more than allowed (10ms here), not the 400ms the queue took.
 	last := now.Add(15 * ms)
-	want := last.Add(time.Duration(float64(5*ms) * (1/st.limit - 1)))
+	want := last.Add(time.Duration(float64(10*ms) * (1/st.limit - 1)))
 	if got := p.admitAt(); !got.Equal(want) {
 		t.Errorf("next admission at %v after the answer, want %v", got.Sub(last), want.Sub(last))
 	}
-	// Once the queue is gone, slow start doubles the fraction per answer.
+	// Once the queue is gone, each answer within allowed adds subOneStep,
+	// and the pause follows the answer's time, 8ms.
 	l := st.limit
-	p.succeeded(want.Add(5*ms), want, 5*ms, 1)
-	if got := p.state().limit; got != 2*l {
-		t.Errorf("limit %v after an idle answer, want %v", got, 2*l)
+	answer := want.Add(8 * ms)
+	p.succeeded(answer, want, 8*ms, 1)
+	if got := p.state().limit; got != l+subOneStep {
+		t.Errorf("limit %v after an answer within allowed, want %v", got, l+subOneStep)
+	}
+	l += subOneStep
+	if got, want := p.admitAt(), answer.Add(time.Duration(float64(8*ms)*(1/l-1))); !got.Equal(want) {
+		t.Errorf("next admission at %v after an 8ms answer, want %v", got.Sub(answer), want.Sub(answer))
 	}
 }
 
