@@ -73,7 +73,7 @@ func run() error {
 	flag.DurationVar(&o.every, "query-every", 100*time.Millisecond, "restart: each worker's interval between queries")
 	flag.BoolVar(&o.simulate, "simulate", false, "run against a simulated postmaster on simulated time (see -model, -capacity)")
 	flag.StringVar(&o.model, "model", "", "with -simulate: the postmaster's model, a file written by -calibrate (empty: a 2-core development machine's)")
-	flag.StringVar(&o.capacity, "capacity", "", "with -simulate: connects per second at saturation, the model's curve scaled to it (1400), or backends:rate points (0:1400,1500:900)")
+	flag.StringVar(&o.capacity, "capacity", "", "with -simulate: connects per second at saturation, the model's curve scaled to it (1400), or backends:rate points (0:1400,1500:900); the model's CPU costs scale alike")
 	flag.StringVar(&o.calibrate, "calibrate", "", "measure the server (-url or the throwaway cluster) for -simulate, write its model to this file, and stop")
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) {

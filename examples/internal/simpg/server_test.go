@@ -280,3 +280,33 @@ func TestQueriesTakeTheirShareOfTheCPU(t *testing.T) {
 		}
 	})
 }
+
+func TestACapacityScalesTheMachinesCosts(t *testing.T) {
+	for _, c := range []struct {
+		capacity string
+		f        float64 // how much faster than Default at 0 backends
+	}{{"1228", 4}, {"0:614,1500:400", 2}} {
+		m, err := Default.ParseCapacity(c.capacity)
+		if err != nil {
+			t.Fatalf("%s: %v", c.capacity, err)
+		}
+		for _, d := range []struct {
+			name      string
+			got, want Duration
+		}{
+			{"query", m.Query, Default.Query},
+			{"query CPU per backend", m.QueryCPUPerBackend, Default.QueryCPUPerBackend},
+			{"exit", m.Exit, Default.Exit},
+			{"facts per backend", m.FactsPerBackend, Default.FactsPerBackend},
+			{"history per backend", m.HistoryPerBackend, Default.HistoryPerBackend},
+			{"down per backend", m.DownPerBackend, Default.DownPerBackend},
+		} {
+			if want := Duration(float64(d.want) / c.f); d.got != want {
+				t.Errorf("-capacity %s: %s %v, want %v (%g times as fast)", c.capacity, d.name, time.Duration(d.got), time.Duration(want), c.f)
+			}
+		}
+		if m.Down != Default.Down || m.IdleConnect != Default.IdleConnect || m.Cores != Default.Cores {
+			t.Errorf("-capacity %s: down %v, idle connect %v, cores %d changed", c.capacity, time.Duration(m.Down), time.Duration(m.IdleConnect), m.Cores)
+		}
+	}
+}
