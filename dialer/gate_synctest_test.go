@@ -1053,3 +1053,22 @@ func TestSynctestPacerHoldsItsSlotUntilTheConnectionIsReady(t *testing.T) {
 		}
 	})
 }
+
+// The server's facts bound the first byte of an idle connect, not the
+// backend's start-up after it: a server that forks 1,000 backends a second
+// does not authenticate and start one up in 2ms.
+func TestSynctestFactsBoundLeavesTheStartUpAfterTheFirstByte(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const fork, startup = time.Millisecond, 50 * time.Millisecond
+		f := &fakeDials{serve: answerThenReady(fork, startup)}
+		d, cfg := fakeInstalled(t, f, WithStartupJitter(0))
+		connectAll(t, 2, func() (*pgx.Conn, error) { return pgx.ConnectConfig(context.Background(), cfg) })
+		// 101 backends started within a tenth of a second: 1,000 forks a
+		// second, 2ms for two.
+		d.g.LearnFacts(100, 101, 101, time.Now())
+		if s := d.Stats(); s.Baseline != fork+startup || s.Decreases != 0 {
+			t.Errorf("pacer baseline %v after %d decreases, want the idle %v kept: the facts bound the first byte, and the %v start-up after it is no queue",
+				s.Baseline, s.Decreases, fork+startup, startup)
+		}
+	})
+}

@@ -210,9 +210,11 @@ func WithLifetimeJitter(d time.Duration) Option {
 // A pool of more than one connection also uses the facts while it fills:
 // its first read includes the history, the second comes after 600ms, and
 // the fastest rate they show (over a second, or over a tenth of one, which
-// a storm shows at once) bounds the pacer's baseline (an idle connect
-// takes at most a round trip, the quickest TCP handshake or facts read
-// seen, and two forks at that rate), so that a pool
+// a storm shows at once) bounds the pacer's baseline (an idle connect's
+// first byte comes within a round trip, the quickest TCP handshake or
+// facts read seen, and two forks at that rate; its start-up after that
+// byte, authentication and the backend's own, is the quickest seen), so
+// that a pool
 // started inside a fleet's storm does not take the storm's queue for the
 // server's idle speed. Its connects after the first wait for the first
 // read (for a second at most), and its pacer's limit does not grow until

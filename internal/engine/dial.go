@@ -176,6 +176,21 @@ func (e *establishment) current() *tracedConn {
 	return nil
 }
 
+// startup is how long the establishment took, until now, after the
+// server's first byte on its connection (0 if unknown): what the backend
+// did after the postmaster forked it, and the client with it.
+func (e *establishment) startup(now time.Time) time.Duration {
+	c := e.current()
+	if c == nil {
+		return 0
+	}
+	r := c.firstRead.Load()
+	if r == 0 || now.UnixNano() < r {
+		return 0
+	}
+	return now.Sub(time.Unix(0, r))
+}
+
 // lastDial returns the establishment's latest dial, or nil.
 func (e *establishment) lastDial() *dialRecord {
 	e.mu.Lock()

@@ -330,7 +330,7 @@ func (g *Gate) release(e *establishment, class Class, now time.Time) {
 	if e.pacerHeld {
 		e.pacerHeld = false
 		if ns := e.netStart.Load(); class == OK && ns != 0 {
-			g.pacer.succeeded(now, e.admitted, now.Sub(time.Unix(0, ns)), e.pacerInUse)
+			g.pacer.succeeded(now, e.admitted, now.Sub(time.Unix(0, ns)), e.startup(now), e.pacerInUse)
 		}
 		g.pacer.give()
 	}

@@ -83,10 +83,12 @@ const idleForks = 2
 //
 // The fastest rate also bounds the pacer's baseline: a postmaster that
 // forked rate backends in a second (PeakRate or ForkRate, the larger)
-// spends at most 1/rate on one, so an idle connect answers within a round trip (the
-// quickest seen, see [Gate.LearnRoundTrip]) and [idleForks] times that,
-// and a pacer that measured more (its first connects met a storm's queue)
-// takes that bound as its baseline instead.
+// spends at most 1/rate on one, so an idle connect's first byte comes
+// within a round trip (the quickest seen, see [Gate.LearnRoundTrip]) and
+// [idleForks] times that, and the connection is ready within the start-up
+// after that byte (authentication and the backend's InitPostgres, the
+// quickest the pacer saw); a pacer that measured more (its first connects
+// met a storm's queue) takes that bound as its baseline instead.
 func (g *Gate) LearnFacts(held, peakStarts, tenthStarts int, at time.Time) {
 	for {
 		old := g.facts.Load()

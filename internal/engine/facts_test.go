@@ -138,7 +138,7 @@ func TestSessionEndedByTheServerStartsOneOutage(t *testing.T) {
 func TestLearnFactsCapsTheBaselineAtTwoForksAndARoundTrip(t *testing.T) {
 	g := &Gate{pacer: newPacer(2, 1, 32, half)}
 	t0 := time.Unix(1_800_000_000, 0)
-	g.pacer.succeeded(t0.Add(700*time.Millisecond), t0, 700*time.Millisecond, 1)
+	g.pacer.succeeded(t0.Add(700*time.Millisecond), t0, 700*time.Millisecond, 0, 1)
 	g.LearnRoundTrip(300 * time.Microsecond)
 	g.LearnRoundTrip(time.Millisecond) // the quickest handshake is kept
 	g.LearnFacts(100, 0, 0, t0)
@@ -180,13 +180,13 @@ func TestPacerHoldsItsGrowthUntilTheFactsSettle(t *testing.T) {
 	now := t0
 	for range 5 {
 		now = now.Add(5 * time.Millisecond)
-		g.pacer.succeeded(now, now.Add(-5*time.Millisecond), 5*time.Millisecond, 1)
+		g.pacer.succeeded(now, now.Add(-5*time.Millisecond), 5*time.Millisecond, 0, 1)
 	}
 	if got := g.pacer.state().limit; got != 1 {
 		t.Fatalf("limit %v before the facts, want the initial 1", got)
 	}
 	g.FactsSettled()
-	g.pacer.succeeded(now.Add(5*time.Millisecond), now, 5*time.Millisecond, 1)
+	g.pacer.succeeded(now.Add(5*time.Millisecond), now, 5*time.Millisecond, 0, 1)
 	if got := g.pacer.state().limit; got != 2 {
 		t.Errorf("limit %v after the facts and an idle answer, want 2", got)
 	}

@@ -93,7 +93,8 @@ type pacer struct {
 	nextProbe  time.Time     // guarded by mu: when to probe the baseline next; zero before the first answer
 	probeFrom  time.Time     // guarded by mu: when the probe under way began; zero when none is
 	probeLimit float64       // guarded by mu: the limit to return to after the probe
-	ceiling    time.Duration // guarded by mu: what the server's facts say an idle answer takes, at most (0: unknown)
+	ceiling    time.Duration // guarded by mu: what the server's facts say an idle answer's first byte takes, at most (0: unknown)
+	startup    time.Duration // guarded by mu: the quickest time from the server's first byte to a ready connection seen (0: none yet)
 	notBefore  time.Time     // guarded by mu: below a limit of 1, when the next establishment may be admitted
 	awaitFacts bool          // guarded by mu: the limit does not grow until the server's facts come (see holdForFacts)
 	firstFacts chan struct{} // guarded by mu: closed when the first facts come; nil unless awaited (see factsWait)
@@ -197,14 +198,18 @@ func (p *pacer) grant() {
 }
 
 // succeeded feeds a successful establishment admitted at admitted, whose
-// connection's response time was rt (0 if unknown), with inUse slots held
-// when it was admitted. It reports whether the limit fell.
-func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) bool {
+// connection's response time was rt (0 if unknown), startup of it after
+// the server's first byte (0 if unknown), with inUse slots held when it was
+// admitted. It reports whether the limit fell.
+func (p *pacer) succeeded(now, admitted time.Time, rt, startup time.Duration, inUse int) bool {
 	if p.target == 0 || rt <= 0 {
 		return false
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if startup > 0 && (p.startup == 0 || startup < p.startup) {
+		p.startup = startup
+	}
 	switch {
 	case p.baseline == 0 || rt < p.baseline:
 		// A new smallest answer: the queue was empty, whatever slower
@@ -213,8 +218,8 @@ func (p *pacer) succeeded(now, admitted time.Time, rt time.Duration, inUse int) 
 	default:
 		p.smoothed += (rt - p.smoothed) / 4
 	}
-	if p.ceiling > 0 && p.baseline > p.ceiling {
-		p.baseline = p.ceiling
+	if c := p.bound(); c > 0 && p.baseline > c {
+		p.baseline = c
 	}
 	allowed := p.allowed()
 	if p.limit < 1 && float64(rt) <= allowed {
@@ -404,10 +409,11 @@ func (p *pacer) factsRead() {
 	p.firstFactsCame()
 }
 
-// capBaseline tells the pacer that an idle answer takes at most ceiling,
-// from what the server says of itself (see [Gate.LearnFacts]): a pacer that
-// started inside a storm measured the storm's queue as its baseline, and
-// would keep it.
+// capBaseline tells the pacer that an idle answer comes within ceiling
+// (the round trip and the postmaster's forks), from what the server says
+// of itself (see [Gate.LearnFacts]), and then within the start-up after it
+// (see bound): a pacer that started inside a storm measured the storm's
+// queue as its baseline, and would keep it.
 func (p *pacer) capBaseline(now time.Time, ceiling time.Duration) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -416,16 +422,32 @@ func (p *pacer) capBaseline(now time.Time, ceiling time.Duration) {
 		return
 	}
 	p.ceiling = ceiling
-	if p.baseline <= ceiling {
+	c := p.bound()
+	if p.baseline <= c {
 		return
 	}
-	p.baseline = ceiling
+	p.baseline = c
 	// The answers so far came from inside a queue the pacer could not see
 	// without the cap: cut now rather than an answer later, which is as far
 	// off as the queue is deep.
 	if allowed := p.allowed(); float64(p.smoothed) > allowed {
 		p.shrink(now, p.cut(allowed))
 	}
+}
+
+// bound is the most an idle establishment takes, as far as the server's
+// facts tell (0: unknown): the ceiling they put on the server's first byte
+// (a round trip and the forks), and the start-up after that byte, the
+// quickest seen (TLS, authentication, the backend's InitPostgres), which no
+// queue at the postmaster lengthens. Without the start-up, a server forking
+// 1,400 backends a second would bound a connect at about 1.5ms while its
+// scram-sha-256 authentication alone takes longer, and every answer would
+// look like a queue; p.mu is held.
+func (p *pacer) bound() time.Duration {
+	if p.ceiling <= 0 {
+		return 0
+	}
+	return p.ceiling + p.startup
 }
 
 // pacerState is what the pacer reports.

@@ -20,7 +20,7 @@ func half() float64 { return 0.5 }
 func round(p *pacer, now, admitted time.Time, rt time.Duration) {
 	n := p.state().limit
 	for range int(n) {
-		p.succeeded(now, admitted, rt, int(n))
+		p.succeeded(now, admitted, rt, 0, int(n))
 	}
 }
 
@@ -44,7 +44,7 @@ func TestPacerSlowStartDoublesPerRound(t *testing.T) {
 func TestPacerDoesNotGrowWhenItIsNotTheConstraint(t *testing.T) {
 	p := newPacer(2, 4, 64, half)
 	for i := range 100 {
-		p.succeeded(t0.Add(time.Duration(i)*ms), t0, 5*ms, 1) // one connect at a time
+		p.succeeded(t0.Add(time.Duration(i)*ms), t0, 5*ms, 0, 1) // one connect at a time
 	}
 	if got := p.state().limit; got != 4 {
 		t.Errorf("limit %v after 100 lone connects, want 4: a limit that was not used says nothing", got)
@@ -62,7 +62,7 @@ func TestPacerShrinksOncePerRoundWhenResponseTimeRises(t *testing.T) {
 	now := t0.Add(50 * ms)
 	shrunk := 0
 	for range 8 {
-		if p.succeeded(now, admitted, 18*ms, int(before)) {
+		if p.succeeded(now, admitted, 18*ms, 0, int(before)) {
 			shrunk++
 		}
 	}
@@ -75,7 +75,7 @@ func TestPacerShrinksOncePerRoundWhenResponseTimeRises(t *testing.T) {
 	}
 	// Establishments admitted after the decrease see the slow server too:
 	// the next round decreases again.
-	if !p.succeeded(now.Add(50*ms), now.Add(ms), 18*ms, int(st.limit)) {
+	if !p.succeeded(now.Add(50*ms), now.Add(ms), 18*ms, 0, int(st.limit)) {
 		t.Error("a later round did not decrease")
 	}
 	if st := p.state(); st.baseline != 5*ms {
@@ -92,12 +92,12 @@ func TestPacerCutsADeepQueueAtEveryAnswer(t *testing.T) {
 	// The first answer raises the average to 104ms, ten times the target:
 	// a cut by the most, 1/8.
 	before := p.state().limit
-	p.succeeded(now, admitted, 400*ms, 32)
+	p.succeeded(now, admitted, 400*ms, 0, 32)
 	if got := p.state().limit; got != before/8 {
 		t.Fatalf("limit %v after an answer ten times the target, want %v/8", got, before)
 	}
 	for i := range 16 {
-		p.succeeded(now.Add(time.Duration(i)*ms), admitted, 400*ms, 32)
+		p.succeeded(now.Add(time.Duration(i)*ms), admitted, 400*ms, 0, 32)
 	}
 	st := p.state()
 	if st.limit >= 1 || st.decreases < 8 {
@@ -115,13 +115,39 @@ func TestPacerCutsADeepQueueAtEveryAnswer(t *testing.T) {
 	// and the pause follows the answer's time, 8ms.
 	l := st.limit
 	answer := want.Add(8 * ms)
-	p.succeeded(answer, want, 8*ms, 1)
+	p.succeeded(answer, want, 8*ms, 0, 1)
 	if got := p.state().limit; got != l+subOneStep {
 		t.Errorf("limit %v after an answer within allowed, want %v", got, l+subOneStep)
 	}
 	l += subOneStep
 	if got, want := p.admitAt(), answer.Add(time.Duration(float64(8*ms)*(1/l-1))); !got.Equal(want) {
 		t.Errorf("next admission at %v after an 8ms answer, want %v", got.Sub(answer), want.Sub(answer))
+	}
+}
+
+// The server's facts bound the first byte (a round trip and the forks);
+// what comes after it, authentication and the backend's start-up, is no
+// queue, and a server that forks fast does not make it shorter.
+func TestPacerBaselineBoundAddsTheStartUpAfterTheFirstByte(t *testing.T) {
+	p := newPacer(2, 8, 64, half)
+	// An idle server: 4.6ms a connect, 4ms of it after the first byte.
+	for i := range 8 {
+		at := t0.Add(time.Duration(i) * 10 * ms)
+		p.succeeded(at.Add(4600*time.Microsecond), at, 4600*time.Microsecond, 4*ms, 1)
+	}
+	// It forks 1,400 backends a second: two forks are 1.43ms.
+	p.capBaseline(t0.Add(time.Second), 1430*time.Microsecond)
+	if st := p.state(); st.baseline != 4600*time.Microsecond || st.decreases != 0 {
+		t.Errorf("state %+v after the facts, want the 4.6ms baseline kept (bound 1.43ms + 4ms of start-up) and no decrease", st)
+	}
+	// A storm's queue is still one: 600ms, of which 4ms after the byte.
+	q := newPacer(2, 8, 64, half)
+	for range 8 {
+		q.succeeded(t0.Add(600*ms), t0, 600*ms, 4*ms, 8)
+	}
+	q.capBaseline(t0.Add(time.Second), 1430*time.Microsecond)
+	if st := q.state(); st.baseline != 5430*time.Microsecond || st.decreases != 1 {
+		t.Errorf("state %+v after the facts, want the baseline capped at 5.43ms and a cut", st)
 	}
 }
 
@@ -141,11 +167,11 @@ func TestPacerBaselineCappedByTheServersFacts(t *testing.T) {
 	if st := p.state(); st.baseline != 50*ms || st.decreases != 1 || math.Abs(st.limit-before/6) > 1e-9 {
 		t.Fatalf("state %+v after the cap, want baseline 50ms, limit %v/6 after one decrease", st, before)
 	}
-	if !p.succeeded(t0.Add(time.Second), t0.Add(700*ms), 600*ms, 8) {
+	if !p.succeeded(t0.Add(time.Second), t0.Add(700*ms), 600*ms, 0, 8) {
 		t.Error("a 600ms answer against a 50ms baseline did not decrease the limit")
 	}
 	// A smaller answer still lowers it.
-	p.succeeded(t0.Add(2*time.Second), t0.Add(1900*ms), 20*ms, 1)
+	p.succeeded(t0.Add(2*time.Second), t0.Add(1900*ms), 20*ms, 0, 1)
 	if got := p.state().baseline; got != 20*ms {
 		t.Errorf("baseline %v after a 20ms answer, want 20ms", got)
 	}
@@ -167,13 +193,13 @@ func TestPacerToleratesASlackAboveASubMillisecondBaseline(t *testing.T) {
 	before := p.state().limit
 	admitted, now := t0.Add(10*ms), t0.Add(20*ms)
 	for range 8 {
-		p.succeeded(now, admitted, 2400*us, int(before)) // 4.8× the baseline, within 2ms of it
+		p.succeeded(now, admitted, 2400*us, 0, int(before)) // 4.8× the baseline, within 2ms of it
 	}
 	if st := p.state(); st.decreases != 0 || st.limit < before {
 		t.Fatalf("2.4ms answers against a 0.5ms baseline: %+v, want no decrease from %v", st, before)
 	}
 	for range 8 {
-		p.succeeded(now, admitted, 4*ms, int(before))
+		p.succeeded(now, admitted, 4*ms, 0, int(before))
 	}
 	if st := p.state(); st.decreases != 1 {
 		t.Errorf("4ms answers against a 0.5ms baseline: %d decreases, want 1", st.decreases)
@@ -184,9 +210,9 @@ func TestPacerToleratesASlackAboveASubMillisecondBaseline(t *testing.T) {
 // one shows the idle response time.
 func TestPacerNewBaselineForgetsSlowerFirstAnswers(t *testing.T) {
 	p := newPacer(2, 4, 64, half)
-	p.succeeded(t0, t0, 10*ms, 1)
+	p.succeeded(t0, t0, 10*ms, 0, 1)
 	for i := range 3 {
-		p.succeeded(t0.Add(time.Duration(i+1)*ms), t0.Add(time.Duration(i+1)*ms), 2*ms, 2)
+		p.succeeded(t0.Add(time.Duration(i+1)*ms), t0.Add(time.Duration(i+1)*ms), 2*ms, 0, 2)
 	}
 	if st := p.state(); st.decreases != 0 || st.baseline != 2*ms {
 		t.Errorf("after a 10ms answer and three of 2ms: %+v, want baseline 2ms and no decrease", st)
@@ -222,7 +248,7 @@ func TestPacerProbesAfterAFailureAndKeepsItsBaseline(t *testing.T) {
 
 func TestPacerOffKeepsItsLimit(t *testing.T) {
 	p := newPacer(0, 2, 7, half)
-	if p.succeeded(t0, t0, 500*ms, 7) || p.failed(t0) || p.state().limit != 7 {
+	if p.succeeded(t0, t0, 500*ms, 0, 7) || p.failed(t0) || p.state().limit != 7 {
 		t.Errorf("a pacer that is off changed: %+v", p.state())
 	}
 }
@@ -281,7 +307,7 @@ func TestPacerGrowthAdmitsWaiters(t *testing.T) {
 	for waiting(p) != 1 {
 		time.Sleep(ms)
 	}
-	p.succeeded(t0, t0, 5*ms, 1) // the limit grows to two: the waiter gets the new slot
+	p.succeeded(t0, t0, 5*ms, 0, 1) // the limit grows to two: the waiter gets the new slot
 	if n := <-got; n != 2 {
 		t.Errorf("waiter admitted with %d slots in use, want 2", n)
 	}
@@ -356,7 +382,7 @@ func simulate(srv *simServer, pacers []*pacer, start, until time.Time) (limits [
 		p := pacers[next.client]
 		rt := next.done.Sub(next.admitted)
 		rts = append(rts, rt)
-		p.succeeded(now, next.admitted, rt, next.inUse)
+		p.succeeded(now, next.admitted, rt, 0, next.inUse)
 		p.give()
 		limits[next.client] = append(limits[next.client], p.state().limit)
 	}
@@ -475,7 +501,7 @@ func TestPacerFactsWaitHoldsAfterTheFirstAnswerUntilTheFirstFacts(t *testing.T) 
 	if ch := p.factsWait(); ch != nil {
 		t.Fatal("the first establishment waits for facts no connection could have read")
 	}
-	p.succeeded(t0.Add(5*ms), t0, 5*ms, 1)
+	p.succeeded(t0.Add(5*ms), t0, 5*ms, 0, 1)
 	ch := p.factsWait()
 	if ch == nil {
 		t.Fatal("the second establishment does not wait for the facts")
@@ -496,14 +522,14 @@ func TestPacerFactsWaitHoldsAfterTheFirstAnswerUntilTheFirstFacts(t *testing.T) 
 	}
 
 	q := newPacer(2, 1, 32, half) // a single-connection pool's: no facts awaited
-	q.succeeded(t0.Add(5*ms), t0, 5*ms, 1)
+	q.succeeded(t0.Add(5*ms), t0, 5*ms, 0, 1)
 	if q.factsWait() != nil {
 		t.Error("a pacer that awaits no facts makes establishments wait")
 	}
 
 	r := newPacer(2, 1, 32, half) // a read that failed ends the wait
 	r.holdForFacts()
-	r.succeeded(t0.Add(5*ms), t0, 5*ms, 1)
+	r.succeeded(t0.Add(5*ms), t0, 5*ms, 0, 1)
 	ch = r.factsWait()
 	r.factsRead()
 	select {

@@ -2,8 +2,9 @@
 // -simulate mode. Its postmaster forks one backend at a time from a listen
 // queue, each fork taking longer the more backends it holds; a full queue
 // drops the SYN, and the client's kernel retransmits it after 1s, 2s, 4s.
-// Its backends start up beside the queue, refuse a client past
-// max_connections (53300) or while the server starts (57P03), speak enough
+// Its backends answer a client's startup message at once, refusing it past
+// max_connections (53300) or while the server starts (57P03) or else asking
+// for its authentication, then start up beside the queue, speak enough
 // of the wire protocol for pgx (the simple query protocol), and answer
 // pgstagger's server facts queries from the server's state. A restart ends
 // every session (57P01), refuses connections, then answers 57P03. The
@@ -157,13 +158,11 @@ func (s *Server) postmaster() {
 	}
 }
 
-// backend starts up, then serves p's client until it leaves or the server
+// backend reads p's startup message, answers its authentication at once
+// (as a server's scram-sha-256 request comes straight after the fork),
+// starts up, then serves p's client until it leaves or the server
 // restarts.
 func (s *Server) backend(p *pending, pid int) {
-	s.mu.Lock()
-	startup := s.stretched(s.m.startup())
-	s.mu.Unlock()
-	time.Sleep(startup)
 	be := pgproto3.NewBackend(p.conn, p.conn)
 	msg, err := be.ReceiveStartupMessage()
 	for err == nil {
@@ -206,6 +205,13 @@ func (s *Server) backend(p *pending, pid int) {
 	defer s.exit(p, started)
 
 	be.Send(&pgproto3.AuthenticationOk{})
+	if be.Flush() != nil {
+		return
+	}
+	s.mu.Lock()
+	startup := s.stretched(s.m.startup())
+	s.mu.Unlock()
+	time.Sleep(startup)
 	for _, kv := range [][2]string{{"server_version", "15.0 (simulated)"}, {"client_encoding", "UTF8"}, {"standard_conforming_strings", "on"}, {"DateStyle", "ISO, MDY"}} {
 		be.Send(&pgproto3.ParameterStatus{Name: kv[0], Value: kv[1]})
 	}
