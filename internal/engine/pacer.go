@@ -40,11 +40,12 @@ import (
 //   - allowed is target × baseline, or baseline + pacerSlack if more.
 //   - smoothed ≤ allowed: the limit grows, by one per success below the
 //     slow-start threshold (doubling per round of connects) and by one per
-//     round above it, and below a limit of 1 by subOneStep per answer; not while
-//     fewer than half of the slots were in use (a limit that was not the
-//     constraint says nothing), nor while a pool waits for the server's
-//     facts (holdForFacts). A pool's establishments after its first wait
-//     until it has read the facts on that first connection (factsWait).
+//     round above it, and below a limit of 1 by subOneStep per answer; not
+//     while fewer than half of the slots were in use (a limit that was not
+//     the constraint says nothing), nor while a pool waits for the
+//     server's facts (holdForFacts). A pool's establishments after its
+//     first wait until it has read the facts on that first connection
+//     (factsWait).
 //   - smoothed > allowed: the limit is multiplied by allowed ÷ smoothed,
 //     kept within [1/2, 9/10] (a cut too small to matter would leave
 //     pacers sharing a server in a stalemate just above the target), at
@@ -68,11 +69,11 @@ import (
 // The limit stays in [minLimit, max]. Below 1 one establishment is in
 // flight at a time, the share limit of the time: the next is admitted
 // (1/limit − 1) times the last response time after an answer, that time
-// taken as allowed at most (space). A fleet of n processes
-// each holding one connect at the postmaster would keep a queue of n,
-// which every other client waits behind (Swift's congestion window below
-// one packet, for the same reason). With the pacer off (target 0) the
-// limit is max, fixed, and nothing is learned.
+// taken as allowed at most (space). A fleet of n processes each holding
+// one connect at the postmaster would keep a queue of n, which every other
+// client waits behind (Swift's congestion window below one packet, for the
+// same reason). With the pacer off (target 0) the limit is max, fixed, and
+// nothing is learned.
 //
 // pacer's methods take the time as a parameter, so that the law can be
 // tested, and simulated, on a clock of the caller's.
@@ -112,9 +113,9 @@ const pacerSlack = 2 * time.Millisecond
 // answer had the pools of a fleet, all below 1 in a storm, climb and cut
 // together. Measured in the demo's pools scenario (60 × 25) on simulated
 // time, 16 runs each, with space's response-time pause: the bystander's
-// connect p99 12× idle (median; 10-15×) and all ready at 1.61× the physical
-// limit, where doubling and pauses of baselines gave 16× (13-18×) at 1.69×
-// (BENCHMARKS.md).
+// connect p99 12.5× idle (median; 10-16×) and all ready at 1.65× the
+// physical limit, where doubling and pauses of baselines gave 16× (13-18×)
+// at 1.69× (BENCHMARKS.md).
 const subOneStep = 1.0 / 8
 
 // minLimit is the smallest limit: one establishment in flight a sixty-fourth
@@ -338,8 +339,8 @@ func (p *pacer) shrink(now time.Time, factor float64) {
 // times 1/limit, and come back long after the queue drained. A pause of
 // baselines alone, whatever the answers took, let a fleet's pools below 1
 // each keep an establishment at a queued postmaster most of the time
-// (measured: 60 pools × 25, bystander p99 16× idle, against 12× with both
-// this and subOneStep; see subOneStep); p.mu is held.
+// (measured: 60 pools × 25, bystander p99 16× idle, against 12.5× with
+// both this and subOneStep; see subOneStep); p.mu is held.
 func (p *pacer) space(now time.Time, rt time.Duration) {
 	if p.limit >= 1 {
 		p.notBefore = time.Time{}
