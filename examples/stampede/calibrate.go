@@ -74,6 +74,14 @@ func calibrate(ctx context.Context, out io.Writer, o options) error {
 	}
 	batch := max(50, most/6)
 	m.Capacity = nil
+	m.Cores = runtime.NumCPU()
+	// A quarter of the connections at the end query, as the demo's
+	// restart workers do (all of them would saturate a small machine,
+	// where the loss is no longer in proportion); their load is measured
+	// twice, holding little more than them and holding everything, to
+	// tell a query's fixed CPU from its CPU per backend held.
+	busy := most / 4
+	var few queryLoad // the load holding little more than busy
 	for len(conns) < most {
 		from := len(conns)
 		n := min(batch, most-from)
@@ -85,13 +93,17 @@ func calibrate(ctx context.Context, out io.Writer, o options) error {
 		rate := float64(n) / took.Seconds()
 		fmt.Fprintf(out, "capacity from %d to %d backends: %.0f connections/s\n", from, len(conns), rate)
 		m.Capacity = append(m.Capacity, simpg.Point{Backends: from + n/2, PerSecond: rate})
+		if few.held == 0 && busy > 0 && len(conns) > busy && len(conns) < most {
+			if few, err = measureQueryLoad(ctx, out, o.srv, conns, busy, rate, m.Cores); err != nil {
+				return err
+			}
+		}
 	}
 	// What connecting and closing loses against keeping is the exits'.
-	m.Cores = runtime.NumCPU()
 	m.Exit = simpg.Duration(max(0, float64(m.Cores)*(1/closing-1/m.Capacity[0].PerSecond)) * float64(time.Second))
 	fmt.Fprintf(out, "capacity connecting and closing: %.0f connections/s: %v of CPU a backend's exit\n",
 		closing, time.Duration(m.Exit).Round(time.Microsecond))
-	if err := calibrateQueries(ctx, out, o.srv, &m, held, conns); err != nil {
+	if err := calibrateQueries(ctx, out, o.srv, &m, held, conns, busy, few); err != nil {
 		return err
 	}
 	m.MaxConnections = maxConns
@@ -147,11 +159,10 @@ func openKept(ctx context.Context, srv *server, n, workers int) ([]*pgconn.PgCon
 }
 
 // calibrateQueries measures, holding conns, what pgstagger's facts queries
-// cost per backend, then the CPU a query takes: the capacity the
-// postmaster loses while a quarter of the held connections query every
-// 100ms, as the demo's restart workers do (all of them would saturate a
-// small machine, where the loss is no longer in proportion).
-func calibrateQueries(ctx context.Context, out io.Writer, srv *server, m *simpg.Model, held *pgconn.PgConn, conns []*pgconn.PgConn) error {
+// cost per backend, then the CPU a query takes (see measureQueryLoad) with
+// busy of them querying, and with few (the same measured holding fewer,
+// if it was), the part of it that is fixed and the part per backend held.
+func calibrateQueries(ctx context.Context, out io.Writer, srv *server, m *simpg.Model, held *pgconn.PgConn, conns []*pgconn.PgConn, busy int, few queryLoad) error {
 	n := time.Duration(len(conns))
 	base, err := measureSQL(ctx, held, "select 1", 20)
 	if err != nil {
@@ -168,11 +179,49 @@ func calibrateQueries(ctx context.Context, out io.Writer, srv *server, m *simpg.
 	m.FactsPerBackend = simpg.Duration(max(0, facts-base) / n)
 	m.HistoryPerBackend = simpg.Duration(max(0, history-base) / n)
 	fmt.Fprintf(out, "facts queries holding %d: %v and %v (select 1: %v)\n", n, facts.Round(time.Microsecond), history.Round(time.Microsecond), base.Round(time.Microsecond))
+	all, err := measureQueryLoad(ctx, out, srv, conns, max(busy, 1), m.Capacity[len(m.Capacity)-1].PerSecond, m.Cores)
+	if err != nil {
+		return err
+	}
+	fixed, perBackend := all.split(few)
+	m.QueryCPU, m.QueryCPUPerBackend = simpg.Duration(fixed), simpg.Duration(perBackend)
+	fmt.Fprintf(out, "a query's CPU: %v, and %v per backend held\n", fixed.Round(time.Microsecond), perBackend)
+	return nil
+}
 
+// queryLoad is the CPU a query took while the server held held backends
+// (held 0: not measured).
+type queryLoad struct {
+	held     int
+	perQuery time.Duration
+}
+
+// split fits a query's CPU as a fixed part and a part per backend held to
+// l and other (the part per backend alone when other was not measured, or
+// when the two do not rise with the backends held).
+func (l queryLoad) split(other queryLoad) (fixed, perBackend time.Duration) {
+	if other.held == 0 || other.held == l.held {
+		return 0, l.perQuery / time.Duration(l.held)
+	}
+	b := float64(l.perQuery-other.perQuery) / float64(l.held-other.held)
+	a := float64(l.perQuery) - b*float64(l.held)
+	switch {
+	case b <= 0:
+		return (l.perQuery + other.perQuery) / 2, 0
+	case a < 0:
+		return 0, l.perQuery / time.Duration(l.held)
+	}
+	return time.Duration(a), time.Duration(b)
+}
+
+// measureQueryLoad measures, holding conns, the CPU a query takes: the
+// capacity the postmaster loses, against idle (connects a second holding
+// as many), while busy of the connections query every 100ms.
+func measureQueryLoad(ctx context.Context, out io.Writer, srv *server, conns []*pgconn.PgConn, busy int, idle float64, cores int) (queryLoad, error) {
 	loadCtx, stop := context.WithCancel(ctx)
 	var queries atomic.Int64
 	var wg sync.WaitGroup
-	busyConns := conns[1 : 1+len(conns)/4]
+	busyConns := conns[len(conns)-busy:]
 	for _, c := range busyConns {
 		wg.Go(func() {
 			t := time.NewTicker(100 * time.Millisecond)
@@ -196,17 +245,16 @@ func calibrateQueries(ctx context.Context, out io.Writer, srv *server, m *simpg.
 		_ = c.Close(ctx)
 	}
 	if err != nil {
-		return err
+		return queryLoad{}, err
 	}
-	busy := 50 / took.Seconds()
+	loaded := 50 / took.Seconds()
+	time.Sleep(time.Second) // the extra backends' exits, before the next measurement
 	rate := float64(queries.Load()-from) / time.Since(start).Seconds()
-	idle := m.Capacity[len(m.Capacity)-1].PerSecond
-	share := max(0, 1-busy/idle)
-	perQuery := share * float64(m.Cores) / rate * float64(time.Second)
-	m.QueryCPUPerBackend = simpg.Duration(perQuery / float64(len(conns)))
-	fmt.Fprintf(out, "capacity while %d connections query every 100ms (%.0f queries/s): %.0f connections/s, %.0f%% less: %v of CPU a query holding %d\n",
-		len(busyConns), rate, busy, 100*share, time.Duration(perQuery).Round(time.Microsecond), len(conns))
-	return nil
+	share := max(0, 1-loaded/idle)
+	perQuery := time.Duration(share * float64(cores) / rate * float64(time.Second))
+	fmt.Fprintf(out, "capacity holding %d while %d of them query every 100ms (%.0f queries/s): %.0f connections/s, %.0f%% less: %v of CPU a query\n",
+		len(conns), len(busyConns), rate, loaded, 100*share, perQuery.Round(time.Microsecond))
+	return queryLoad{held: len(conns), perQuery: perQuery}, nil
 }
 
 // measureSQL returns the median time of n runs of sql on c.

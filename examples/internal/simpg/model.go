@@ -41,14 +41,15 @@ type Model struct {
 	DownPerBackend Duration `json:"down_per_backend"`
 	Starting       Duration `json:"starting"`
 	// Query is how long a backend takes to answer a query ("select 1") on
-	// the idle server. QueryCPUPerBackend is how much of the machine's CPU
-	// a query takes per backend the server holds (a snapshot scans them
-	// all), the client's included where the client shares the machine,
-	// and Exit how much a backend's exit takes. What the queries and exits
-	// of the last second took is their share of Cores, which the
-	// postmaster and the backends starting up do not have: their times
-	// stretch by 1 / (1 − share).
+	// the idle server. QueryCPU and QueryCPUPerBackend are how much of the
+	// machine's CPU a query takes, a fixed part and a part per backend the
+	// server holds (a snapshot scans them all), the client's included
+	// where the client shares the machine, and Exit how much a backend's
+	// exit takes. What the queries and exits of the last second took is
+	// their share of Cores, which the postmaster and the backends starting
+	// up do not have: their times stretch by 1 / (1 − share).
 	Query              Duration `json:"query"`
+	QueryCPU           Duration `json:"query_cpu"`
 	QueryCPUPerBackend Duration `json:"query_cpu_per_backend"`
 	Exit               Duration `json:"exit"`
 	Cores              int      `json:"cores"`
@@ -113,7 +114,7 @@ func (m Model) Validate() error {
 		}
 	}
 	if m.IdleConnect <= 0 || m.MaxConnections < 1 || m.Backlog < 1 || m.Cores < 1 ||
-		min(m.Down, m.DownPerBackend, m.Starting, m.Query, m.QueryCPUPerBackend, m.Exit, m.FactsPerBackend, m.HistoryPerBackend) < 0 {
+		min(m.Down, m.DownPerBackend, m.Starting, m.Query, m.QueryCPU, m.QueryCPUPerBackend, m.Exit, m.FactsPerBackend, m.HistoryPerBackend) < 0 {
 		return fmt.Errorf("simpg: model %+v: want a positive idle connect, max connections, backlog and cores, and no negative time", m)
 	}
 	return nil
@@ -168,7 +169,7 @@ func (m Model) Scaled(perSecond float64) Model {
 // bystander's connect p99 109× idle unscaled, 6× scaled).
 func (m Model) faster(f float64) Model {
 	scale := func(d *Duration) { *d = Duration(float64(*d) / f) }
-	for _, d := range []*Duration{&m.Query, &m.QueryCPUPerBackend, &m.Exit, &m.FactsPerBackend, &m.HistoryPerBackend, &m.DownPerBackend} {
+	for _, d := range []*Duration{&m.Query, &m.QueryCPU, &m.QueryCPUPerBackend, &m.Exit, &m.FactsPerBackend, &m.HistoryPerBackend, &m.DownPerBackend} {
 		scale(d)
 	}
 	return m

@@ -259,7 +259,7 @@ func (s *Server) run(sql string) time.Duration {
 	case engine.FactsHistoryQuery:
 		extra = time.Duration(s.m.HistoryPerBackend) * time.Duration(len(s.backends))
 	}
-	s.spend(time.Duration(s.m.QueryCPUPerBackend)*time.Duration(len(s.backends)) + extra)
+	s.spend(time.Duration(s.m.QueryCPU) + time.Duration(s.m.QueryCPUPerBackend)*time.Duration(len(s.backends)) + extra)
 	return s.stretched(time.Duration(s.m.Query) + extra)
 }
 

@@ -3,6 +3,7 @@ package simpg
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -249,9 +250,22 @@ func TestFactsQueriesAnswerFromTheServersState(t *testing.T) {
 }
 
 func TestQueriesTakeTheirShareOfTheCPU(t *testing.T) {
+	for _, perBackend := range []bool{true, false} {
+		t.Run(fmt.Sprintf("per backend %v", perBackend), func(t *testing.T) { testQueriesShare(t, perBackend) })
+	}
+}
+
+// testQueriesShare has 5ms of CPU a query come from QueryCPUPerBackend
+// (one backend held) or from QueryCPU.
+func testQueriesShare(t *testing.T, perBackend bool) {
 	synctest.Test(t, func(t *testing.T) {
 		m := testModel()
-		m.Cores, m.QueryCPUPerBackend = 1, Duration(5*time.Millisecond) // one backend held: 5ms a query
+		m.Cores = 1
+		if perBackend {
+			m.QueryCPUPerBackend = Duration(5 * time.Millisecond) // one backend held: 5ms a query
+		} else {
+			m.QueryCPU = Duration(5 * time.Millisecond)
+		}
 		s := start(t, m)
 		busy, err := connect(t.Context(), t, s)
 		if err != nil {
@@ -288,7 +302,9 @@ func TestACapacityScalesTheMachinesCosts(t *testing.T) {
 		capacity string
 		f        float64 // how much faster than Default at 0 backends
 	}{{"1228", 4}, {"0:614,1500:400", 2}} {
-		m, err := Default.ParseCapacity(c.capacity)
+		base := Default
+		base.QueryCPU = Duration(80 * time.Microsecond)
+		m, err := base.ParseCapacity(c.capacity)
 		if err != nil {
 			t.Fatalf("%s: %v", c.capacity, err)
 		}
@@ -296,18 +312,19 @@ func TestACapacityScalesTheMachinesCosts(t *testing.T) {
 			name      string
 			got, want Duration
 		}{
-			{"query", m.Query, Default.Query},
-			{"query CPU per backend", m.QueryCPUPerBackend, Default.QueryCPUPerBackend},
-			{"exit", m.Exit, Default.Exit},
-			{"facts per backend", m.FactsPerBackend, Default.FactsPerBackend},
-			{"history per backend", m.HistoryPerBackend, Default.HistoryPerBackend},
-			{"down per backend", m.DownPerBackend, Default.DownPerBackend},
+			{"query", m.Query, base.Query},
+			{"query CPU", m.QueryCPU, base.QueryCPU},
+			{"query CPU per backend", m.QueryCPUPerBackend, base.QueryCPUPerBackend},
+			{"exit", m.Exit, base.Exit},
+			{"facts per backend", m.FactsPerBackend, base.FactsPerBackend},
+			{"history per backend", m.HistoryPerBackend, base.HistoryPerBackend},
+			{"down per backend", m.DownPerBackend, base.DownPerBackend},
 		} {
 			if want := Duration(float64(d.want) / c.f); d.got != want {
 				t.Errorf("-capacity %s: %s %v, want %v (%g times as fast)", c.capacity, d.name, time.Duration(d.got), time.Duration(want), c.f)
 			}
 		}
-		if m.Down != Default.Down || m.IdleConnect != Default.IdleConnect || m.Cores != Default.Cores {
+		if m.Down != base.Down || m.IdleConnect != base.IdleConnect || m.Cores != base.Cores {
 			t.Errorf("-capacity %s: down %v, idle connect %v, cores %d changed", c.capacity, time.Duration(m.Down), time.Duration(m.IdleConnect), m.Cores)
 		}
 	}
