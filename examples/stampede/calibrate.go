@@ -248,8 +248,8 @@ func measureQueryLoad(ctx context.Context, out io.Writer, srv *server, conns []*
 		return queryLoad{}, err
 	}
 	loaded := 50 / took.Seconds()
-	time.Sleep(time.Second) // the extra backends' exits, before the next measurement
 	rate := float64(queries.Load()-from) / time.Since(start).Seconds()
+	time.Sleep(time.Second) // the extra backends' exits, before the next measurement
 	share := max(0, 1-loaded/idle)
 	perQuery := time.Duration(share * float64(cores) / rate * float64(time.Second))
 	fmt.Fprintf(out, "capacity holding %d while %d of them query every 100ms (%.0f queries/s): %.0f connections/s, %.0f%% less: %v of CPU a query\n",
