@@ -8,9 +8,11 @@ var (
 	// caller's deadline, so the caller was answered at once and the server
 	// was not touched. A wait whose end is known is shed too when it would
 	// leave the caller less than twice the time this Dialer's connects have
-	// been taking (a moving average): the connection would reach the caller
-	// too late to be used, and pgx would close it with the query, wasting
-	// the fork. Errors matching it also match context.DeadlineExceeded.
+	// been taking (a moving average), or less than a quarter of the time
+	// from the connect's start to the caller's deadline: the connection
+	// would reach the caller too late to be used, and pgx would close it
+	// with the query, wasting the fork. Errors matching it also match
+	// context.DeadlineExceeded.
 	ErrShed = engine.ErrShed
 
 	// ErrClosed reports that the Dialer (or the pool owning it) was closed.

@@ -749,9 +749,8 @@ func TestSynctestBucketWaitDoesNotEatTheConnectTimeout(t *testing.T) {
 func TestSynctestWaitThatLeavesNoTimeToConnectIsShed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}
-		// Two tokens, then one every 5s: the third comes 5s from now.
-		start := time.Now()
-		lim := rate.NewLimiter(rate.Every(5*time.Second), 2)
+		// Two tokens, then one every 300ms.
+		lim := rate.NewLimiter(rate.Every(300*time.Millisecond), 2)
 		d, cfg := fakeInstalled(t, f, WithStartupJitter(0), WithLimiter(lim), WithBackOff(noRetry))
 		// Connects have been taking 40ms, then 80ms: 50ms on average.
 		for _, took := range []time.Duration{40 * time.Millisecond, 80 * time.Millisecond} {
@@ -767,17 +766,18 @@ func TestSynctestWaitThatLeavesNoTimeToConnectIsShed(t *testing.T) {
 		}
 		f.set(nil, nil)
 		dials := f.count()
-		// The token comes at 5s. A caller with 90ms to spare then would
-		// have 90ms to connect and use the connection: less than twice
-		// the 50ms connects take, so it is answered now.
-		tokenAt := start.Add(5 * time.Second)
+		// The next token comes 300ms after the first two were taken, 120ms
+		// ago. A caller with 90ms to spare then would have 90ms to connect
+		// and use the connection: less than twice the 50ms connects take
+		// (and more than a quarter of its 270ms), so it is answered now.
+		tokenAt := time.Now().Add(180 * time.Millisecond)
 		ctx, cancel := context.WithDeadline(context.Background(), tokenAt.Add(90*time.Millisecond))
 		defer cancel()
 		_, err := d.Connect(ctx, cfg)
 		if !errors.Is(err, ErrShed) || !errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("connect with 90ms to spare: %v, want shed", err)
 		}
-		if want := "would leave less than the 100ms a connect needs of the 4.97s before the caller's deadline"; !strings.Contains(err.Error(), want) {
+		if want := "would leave less than the 100ms a connect and its use need of the 270ms before the caller's deadline"; !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not say %q", err, want)
 		}
 		if f.count() != dials {
@@ -788,6 +788,61 @@ func TestSynctestWaitThatLeavesNoTimeToConnectIsShed(t *testing.T) {
 		defer cancel()
 		if _, err := d.Connect(ctx, cfg); errors.Is(err, ErrShed) {
 			t.Fatalf("connect with 110ms to spare: %v, want a dial", err)
+		}
+		if f.count() != dials+1 {
+			t.Errorf("the server saw %d dials, want 1", f.count()-dials)
+		}
+	})
+}
+
+// A connect's average time, learned on an idle server, says little of what
+// the next one takes on a busy one, after a restart say, nor of the caller's
+// query: a wait that would leave the caller less than a quarter of its time
+// is shed however fast connects have been.
+func TestSynctestWaitThatLeavesLessThanAQuarterIsShed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		// One token, then one every 6s.
+		start := time.Now()
+		lim := rate.NewLimiter(rate.Every(6*time.Second), 1)
+		d, cfg := fakeInstalled(t, f, WithStartupJitter(0), WithLimiter(lim), WithBackOff(noRetry))
+		f.set(nil, acceptAfter(5*time.Millisecond))
+		c, err := d.Connect(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close(context.Background())
+		if got := d.g.ConnectTime(); got != 5*time.Millisecond {
+			t.Fatalf("average connect time %v, want 5ms", got)
+		}
+		dials := f.count()
+		// The next token comes 6s from now. A caller with 7.9s would have
+		// 1.9s left: far more than twice 5ms, less than a quarter of 7.9s.
+		ctx, cancel := context.WithTimeout(context.Background(), 7900*time.Millisecond)
+		defer cancel()
+		if c, err = d.Connect(ctx, cfg); err == nil {
+			c.Close(context.Background())
+		}
+		if !errors.Is(err, ErrShed) {
+			t.Fatalf("connect with 1.9s of 7.9s to spare: %v, want shed", err)
+		}
+		if want := "would leave less than the 1.975s a connect and its use need of the 7.9s before the caller's deadline"; !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+		if f.count() != dials {
+			t.Errorf("the server saw %d dials, want none", f.count()-dials)
+		}
+		// A caller with 8.1s waits for the token and dials: a quarter of
+		// its time is left.
+		ctx, cancel = context.WithTimeout(context.Background(), 8100*time.Millisecond)
+		defer cancel()
+		c, err = d.Connect(ctx, cfg)
+		if err != nil {
+			t.Fatalf("connect with 2.1s of 8.1s to spare: %v, want a connection", err)
+		}
+		c.Close(context.Background())
+		if got := time.Since(start); got != 6*time.Second+5*time.Millisecond {
+			t.Errorf("connected at +%v, want at the token (+6s) and 5ms later", got)
 		}
 		if f.count() != dials+1 {
 			t.Errorf("the server saw %d dials, want 1", f.count()-dials)

@@ -252,6 +252,10 @@ func (g *Gate) awaitFirstFacts(e *establishment) error {
 // factsWaitMax bounds awaitFirstFacts.
 const factsWaitMax = time.Second
 
+// shedReserve is the part of a caller's time, from its connect's start to
+// its deadline, that the gate's waits leave it: one quarter.
+const shedReserve = 4
+
 // pacerSpacing waits, holding the pacer's one slot, until the pacer admits
 // the next establishment: below a limit of 1 it spaces them (see
 // [pacer.space]). The slot goes back when e ends, whatever the wait did.
@@ -264,15 +268,19 @@ func (g *Gate) pacerSpacing(e *establishment) error {
 
 // shedIfTooLate sheds a wait of kind, lasting need and ending at t, that
 // would leave the caller less than twice the time connects have been
-// taking: such a connection would reach the caller too late to be used,
-// and pgx closes a connection whose query outlives its context, wasting
-// the fork.
+// taking, or less than a quarter of the time it gave the connect
+// (shedReserve): such a connection would reach the caller too late to be
+// used, and pgx closes a connection whose query outlives its context,
+// wasting the fork. The quarter covers what the moving average cannot
+// know: connects slower than they were (a server recovering from a
+// restart, its fleet reconnecting, is slower than the idle one the
+// average learned) and the caller's own query.
 func (g *Gate) shedIfTooLate(e *establishment, kind WaitKind, need time.Duration, t time.Time) error {
 	dl, ok := e.wait.Deadline()
 	if !ok {
 		return nil
 	}
-	margin := 2 * g.ConnectTime()
+	margin := max(2*g.ConnectTime(), dl.Sub(e.start)/shedReserve)
 	if dl.Before(t.Add(margin)) {
 		return g.shed(kind, need, time.Until(dl), margin)
 	}
