@@ -46,7 +46,7 @@ func ExampleDialer_InstallPool() {
 		panic(err)
 	}
 	fmt.Println(d.Plan().StartupWindow, d.Plan().Burst)
-	// Output: 1s 4
+	// Output: 1s 5
 }
 
 // Invalid options fail in New, naming the option and the value.

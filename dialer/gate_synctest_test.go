@@ -17,6 +17,8 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/time/rate"
+
+	"github.com/pgstagger/pgstagger/jitter"
 )
 
 // These tests exercise the waits the gate imposes before the server is
@@ -1060,6 +1062,71 @@ func TestSynctestFleetMemberSendsNoCancelItMustWaitFor(t *testing.T) {
 		conn.Close(context.Background())
 		if got := f.times[len(f.times)-1].Sub(start); got != 13500*time.Millisecond {
 			t.Errorf("next connect dialed at %v, want 13.5s", got)
+		}
+	})
+}
+
+// A fleet member's bucket holds one connect to spare once it has refilled:
+// a CancelRequest (pgx sends one whenever it closes a busy connection) may
+// take it, and the connect that replaces the connection still goes at once
+// instead of a refill later; with no spare the CancelRequest is not sent.
+func TestSynctestFleetMemberKeepsItsNextConnectsToken(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{}
+		f.set(nil, acceptAfter(0))
+		// Fleet of 10 at 1/s: one token per 10s, burst 2; member 3's place
+		// is 3.5s into each cycle, its startup delay 2.74s.
+		d, cfg := fakeInstalled(t, f, WithFleet(10, 1), WithFleetMember(3), WithBackOff(noRetry), WithResponseTarget(0))
+		start := time.Now()
+		connect := func() time.Duration {
+			t.Helper()
+			conn, err := pgx.ConnectConfig(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.Close(context.Background())
+			return f.times[len(f.times)-1].Sub(start)
+		}
+		cancelSent := func() bool {
+			t.Helper()
+			c, err := cfg.DialFunc(context.Background(), "tcp", "127.0.0.1:5432")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_, err = c.Write(append(cancelRequest(42), 0, 0, 0, 7))
+			return err == nil
+		}
+		// The start: the spare accrues over the first refill, so a second
+		// connect waits for it, at the member's place: 13.5s.
+		if got, want := connect(), jitter.Decelerating(10*time.Second, 0.35); got != want {
+			t.Fatalf("first connect at %v, want its startup delay, %v", got, want)
+		}
+		if got := connect(); got != 13500*time.Millisecond {
+			t.Errorf("second connect at %v, want 13.5s", got)
+		}
+		// Refilled: a CancelRequest goes, and the connect after it too.
+		time.Sleep(time.Until(start.Add(40 * time.Second)))
+		if !cancelSent() {
+			t.Error("CancelRequest not sent with a token to spare")
+		}
+		if got := connect(); got != 40*time.Second {
+			t.Errorf("connect after the CancelRequest at %v, want at once, 40s", got)
+		}
+		// One connect's token left, as when a replaced connection is lost
+		// again: no CancelRequest, and the connect goes at once.
+		time.Sleep(time.Until(start.Add(60 * time.Second)))
+		if got := connect(); got != 60*time.Second {
+			t.Fatalf("connect at %v, want at once, 60s", got)
+		}
+		if cancelSent() {
+			t.Error("CancelRequest sent with the next connect's token")
+		}
+		if got := connect(); got != 60*time.Second {
+			t.Errorf("connect after the CancelRequest not sent at %v, want at once, 60s", got)
+		}
+		if s := d.Stats(); s.CancelDials != 1 || s.CancelsShed != 1 {
+			t.Errorf("cancels dialed %d, shed %d; want 1 and 1", s.CancelDials, s.CancelsShed)
 		}
 	})
 }

@@ -252,12 +252,17 @@ func WithBackOff(newPolicy func() backoff.BackOff) Option {
 // The Dialer derives
 //
 //	window = size × warm × dials ÷ serverBudget
-//	rate   = max(serverBudget ÷ size, 1/60) per second, burst = warm × dials
+//	rate   = max(serverBudget ÷ size, 1/60) per second, burst = (warm + 1) × dials
 //
 // where warm is the number of connections the process opens at start (a
 // pool's max(MinConns, MinIdleConns, 1); 1 otherwise) and dials the TCP
 // connections one connect costs (2 for sslmode=prefer, whose TLS attempt is
-// redialled in plain text against a server without TLS). Explicit
+// redialled in plain text against a server without TLS). The burst keeps
+// one connect to spare: a process that loses a connection it just opened
+// (pgx closes a connection whose query outlives its context) replaces it
+// at once instead of a refill later, up to a whole window; it needs the
+// spare only when it connects more than warm times within a refill, so the
+// fleet's rate holds. Explicit
 // [WithStartupJitter], [WithConnectRate] and [WithLimiter] win over what
 // WithFleet derives.
 //

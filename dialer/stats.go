@@ -19,7 +19,7 @@ type Stats struct {
 	Refunds        int64 // ... and CancelRequests the server forked nothing for (refused, or dropped unanswered): their tokens were given back
 	CancelDials    int64 // TCP connections opened for CancelRequests
 	CancelsSkipped int64 // plain-text CancelRequests for process ID 0 (pgx sends one when a connect fails), answered without a connection
-	CancelsShed    int64 // CancelRequests not sent: no token before their deadline (a fleet member's: none at hand), or their wait ended (Close)
+	CancelsShed    int64 // CancelRequests not sent: no token before their deadline (a fleet member's: none at hand beyond its next connect's), or their wait ended (Close)
 	HostsSkipped   int64 // dials not made to a backed-off host of a multi-host connection string while another host was up
 	Lost           int64 // sessions the server ended as it shut down or crashed (57P01, 57P02): the first of an outage sets the recovery state
 

@@ -86,7 +86,8 @@ func (c *Config) Plan(warm, dials int, draw float64) Plan {
 		}
 		if !c.RateSet {
 			p.Rate = max(rate.Limit(c.FleetBudget/float64(c.FleetSize)), minFleetRate)
-			p.Burst = int(min(float64(warm)*float64(dials), math.MaxInt32))
+			// One connect to spare: see dialer.WithFleet.
+			p.Burst = int(min(float64(warm+1)*float64(dials), math.MaxInt32))
 		}
 	}
 	if c.Limiter != nil {

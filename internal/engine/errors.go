@@ -30,9 +30,13 @@ type shedError struct {
 	need    time.Duration // how long the wait would have been (0 if unknown)
 	left    time.Duration // time left before the caller's deadline
 	connect time.Duration // time the connect and its use were expected to need after the wait
+	why     string        // when set, why it was shed: the fields above are unused
 }
 
 func (e *shedError) Error() string {
+	if e.why != "" {
+		return fmt.Sprintf("%v: %s", ErrShed, e.why)
+	}
 	if e.need > 0 && e.left > 0 && e.need < e.left {
 		return fmt.Sprintf("%v: %s wait of %v would leave less than the %v a connect and its use need of the %v before the caller's deadline",
 			ErrShed, e.wait, e.need.Round(time.Microsecond), e.connect.Round(time.Microsecond), e.left.Round(time.Microsecond))

@@ -194,6 +194,12 @@ func (g *Gate) bind(cfg *pgx.ConnConfig, c *Config, params map[string]string, wa
 		g.limiter = g.cfg.Limiter
 		if g.limiter == nil {
 			g.limiter = rate.NewLimiter(g.plan.Rate, g.plan.Burst)
+			if g.tokenGrid() > 0 {
+				// A fleet member's spare connect (see dialer.WithFleet)
+				// accrues over its first refill: the fleet's start
+				// keeps to its budget.
+				g.limiter.AllowN(time.Now(), g.plan.Dials)
+			}
 		}
 		g.startupEnd = time.Now().Add(g.plan.StartupDelay)
 		if g.pacer != nil {

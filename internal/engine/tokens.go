@@ -41,11 +41,18 @@ func (g *Gate) tokenGrid() time.Duration {
 
 // cancelToken takes a token for a CancelRequest, waiting for it until ctx
 // ends (see [cancelConn]); a wait that cannot end before ctx's deadline is
-// not begun, nor is any wait of a fleet member: its bucket holds one
-// token a window, and a CancelRequest queued for it would put the member's
-// next connect a refill, and so a reconnect cycle, later. refund gives the
-// token back.
+// not begun. A fleet member neither waits nor takes the tokens its next
+// connect needs: its bucket refills one connect a window, and a
+// CancelRequest that took them would put that connect a refill, and so a
+// reconnect cycle, later. pgx sends one whenever it closes a busy
+// connection, after a query's context ended say, and the connect that
+// replaces the connection comes right after it. refund gives the token
+// back.
 func (g *Gate) cancelToken(ctx context.Context) (refund func(), err error) {
+	if g.tokenGrid() > 0 && g.limiter.Tokens() < float64(g.plan.Dials+1) {
+		g.stats.CancelsShed.Add(1)
+		return nil, &shedError{why: "CancelRequest not sent: this fleet member's bucket holds only what its next connect needs"}
+	}
 	return g.token(ctx, ctx, 0,
 		func(need time.Duration, at time.Time) error {
 			dl, ok := ctx.Deadline()
