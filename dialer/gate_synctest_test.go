@@ -1194,3 +1194,48 @@ func TestSynctestFactsBoundLeavesTheStartUpAfterTheFirstByte(t *testing.T) {
 		}
 	})
 }
+
+// A single-connection process whose connects were answered inside a storm
+// has a pacer limit far below one, and no further answers to raise it on.
+// Long after, the connect that replaces a connection lost at once goes
+// after one answer's pause, not 63 of them: a quiet spell wakes the
+// pacer to one prober, its baseline kept.
+func TestSynctestPacerBelowOneWakesAfterAQuietSpell(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeDials{serve: answerThenReady(time.Millisecond, 4*time.Millisecond)}
+		d, cfg := fakeInstalled(t, f, WithStartupJitter(0), WithConnectRate(rate.Inf, 1))
+		connect := func() {
+			t.Helper()
+			conn, err := pgx.ConnectConfig(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.Close(context.Background())
+		}
+		connect() // baseline 5ms, allowed 10ms
+		// A storm: answers of 400ms cut the limit to its floor.
+		f.set(nil, answerThenReady(400*time.Millisecond, 0))
+		for d.Stats().ConnectLimit > 1.0/64 {
+			connect()
+		}
+		// Long after, answers of 15ms, over allowed: the first connect goes
+		// at once, the second after the pause the first one's answer calls
+		// for.
+		time.Sleep(time.Minute)
+		f.set(nil, answerThenReady(15*time.Millisecond, 0))
+		connect()
+		answered := time.Now()
+		connect()
+		f.mu.Lock()
+		last := f.times[len(f.times)-1]
+		f.mu.Unlock()
+		// Woken to 1, the 15ms answer cuts it to 2/3: a 5ms pause. Not
+		// woken, 1/64 and a pause of 63 × 10ms.
+		if got := last.Sub(answered); got > 10*time.Millisecond {
+			t.Errorf("the next connect went %v after the answer, want within 10ms: the storm's limit is stale (%+v)", got, d.Stats())
+		}
+		if s := d.Stats(); s.Baseline != 5*time.Millisecond {
+			t.Errorf("baseline %v, want the 5ms one kept", s.Baseline)
+		}
+	})
+}

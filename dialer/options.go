@@ -192,7 +192,11 @@ func WithMaxConnecting(n int) Option {
 // has one under way the share of the time it allows, at least 1/64: after
 // each answer it pauses in proportion to the time the answer took (as much
 // as the target allows), and each answer within the target adds an
-// eighth. After a transient failure
+// eighth; after 10s with nothing under way past that pause, what it
+// learned is stale, and it lets one connect probe, with no pause (a
+// single-connection process whose one connect was answered in a fleet's
+// start-up storm would otherwise keep that storm's limit for good). After
+// a transient failure
 // (refused, 53300 too_many_connections, 57P03, a timeout) it lets one
 // connect probe, then doubles again. Every client of a server sees the same
 // queue, so a ratio target bounds the connect latency of all of them

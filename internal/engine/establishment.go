@@ -207,6 +207,7 @@ func (g *Gate) takePacerSlot(e *establishment) error {
 	if g.pacer == nil {
 		return nil
 	}
+	g.pacer.wake(time.Now())
 	if ok, inUse := g.pacer.tryTake(); ok {
 		e.pacerInUse = inUse
 		e.pacerHeld = true

@@ -57,6 +57,10 @@ import (
 //     shows the answers so far were a queue cuts at once.
 //   - a transient failure (refused, 53300, 57P03, a timeout): the limit
 //     falls to one, a prober, and slow start doubles it from there.
+//   - a limit below 1 that has admitted nothing for staleAfter past its
+//     own pause comes back to one, a prober, with no pause, and the next
+//     answer starts the moving average afresh (wake): what it says is
+//     the queue of a storm long gone.
 //   - every 10s or so (±15%, so that processes do not probe together), a
 //     pacer that is using its limit lets one establishment in flight until
 //     one admitted alone is answered, then returns to its limit: a pacer
@@ -97,6 +101,7 @@ type pacer struct {
 	ceiling    time.Duration // guarded by mu: what the server's facts say an idle answer's first byte takes, at most (0: unknown)
 	startup    time.Duration // guarded by mu: the quickest time from the server's first byte to a ready connection seen (0: none yet)
 	notBefore  time.Time     // guarded by mu: below a limit of 1, when the next establishment may be admitted
+	lastAnswer time.Time     // guarded by mu: when the last establishment was answered, or failed
 	awaitFacts bool          // guarded by mu: the limit does not grow until the server's facts come (see holdForFacts)
 	firstFacts chan struct{} // guarded by mu: closed when the first facts come; nil unless awaited (see factsWait)
 }
@@ -211,11 +216,14 @@ func (p *pacer) succeeded(now, admitted time.Time, rt, startup time.Duration, in
 	if startup > 0 && (p.startup == 0 || startup < p.startup) {
 		p.startup = startup
 	}
+	p.lastAnswer = now
 	switch {
 	case p.baseline == 0 || rt < p.baseline:
 		// A new smallest answer: the queue was empty, whatever slower
 		// answers (a process's first connect, a cold server) came before.
 		p.baseline, p.smoothed = rt, rt
+	case p.smoothed == 0: // the first answer after wake
+		p.smoothed = rt
 	default:
 		p.smoothed += (rt - p.smoothed) / 4
 	}
@@ -311,6 +319,7 @@ func (p *pacer) failed(now time.Time) bool {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.lastAnswer = now
 	p.probeFrom = time.Time{} // a failure ends a probe: the limit starts over
 	if p.limit <= 1 {
 		return false
@@ -348,6 +357,32 @@ func (p *pacer) space(now time.Time, rt time.Duration) {
 	}
 	unit := math.Min(float64(rt), p.allowed())
 	p.notBefore = now.Add(time.Duration(unit * (1/p.limit - 1)))
+}
+
+// staleAfter is how long a pacer below a limit of 1 may admit nothing,
+// past its own pause, before its limit is stale (see wake).
+const staleAfter = probeEvery
+
+// wake returns a pacer below a limit of 1 that has had nothing in flight
+// and admitted nothing for staleAfter past its own pause to a limit of 1,
+// a prober, before an establishment is admitted at now; the baseline is
+// kept, and the prober's answer starts the moving average afresh. Below 1
+// a pacer learns only from its own answers, one at a time: a
+// single-connection process whose one connect was answered inside a
+// fleet's start-up storm would otherwise keep that storm's 1/64 for good,
+// and after a restart the connect that replaces a connection lost at once
+// would wait 63 answers' time (measured: 14s, one of a fleet of 461
+// workers recovered 30s after the restart where the rest took 22s).
+func (p *pacer) wake(now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.target == 0 || p.limit >= 1 || p.held > 0 || p.lastAnswer.IsZero() {
+		return
+	}
+	if now.Sub(p.lastAnswer) < staleAfter || now.Sub(p.notBefore) < staleAfter {
+		return
+	}
+	p.limit, p.smoothed, p.notBefore = 1, 0, time.Time{}
 }
 
 // admitAt is when an establishment that holds a slot may go to the server:

@@ -357,6 +357,7 @@ func simulate(srv *simServer, pacers []*pacer, start, until time.Time) (limits [
 	for now.Before(until) {
 		for c, p := range pacers {
 			for !held[c] {
+				p.wake(now)
 				ok, n := p.tryTake()
 				if !ok {
 					break
@@ -488,6 +489,52 @@ func TestPacersBelowOneInFlightKeepAFleetsQueueShort(t *testing.T) {
 		t.Errorf("%v answers in %v, want at least 70%% of the %v the server could give", got, run, most)
 	}
 	t.Logf("median response time %v; limits sum to %.2f; %d answers of %d possible", median(last), total, len(rts), run/service)
+}
+
+// Below a limit of 1 a pacer learns only from its own answers: one that
+// has admitted nothing for a while, past its own pause, comes back to one
+// prober with no pause, its baseline kept, and the prober's answer starts
+// the moving average afresh. Within the pause, or with an establishment in
+// flight, nothing changes.
+func TestPacerBelowOneWakesToAProberAfterAQuietSpell(t *testing.T) {
+	p := newPacer(2, 1, 32, half)
+	now := t0.Add(5 * ms)
+	p.succeeded(now, t0, 5*ms, 0, 1) // baseline 5ms, allowed 10ms
+	// A storm: answers of 400ms cut the limit to its floor.
+	for p.state().limit > minLimit {
+		admitted := now
+		now = now.Add(400 * ms)
+		p.succeeded(now, admitted, 400*ms, 0, 1)
+	}
+	pause := p.admitAt()
+	if want := now.Add(time.Duration(float64(10*ms) * (1/minLimit - 1))); !pause.Equal(want) {
+		t.Fatalf("next admission %v after the last answer, want %v", pause.Sub(now), want.Sub(now))
+	}
+	p.wake(pause.Add(staleAfter - ms))
+	if got := p.state().limit; got != minLimit {
+		t.Fatalf("limit %v woken %v past its pause, want %v kept until %v past it", got, staleAfter-ms, minLimit, staleAfter)
+	}
+	quiet := pause.Add(staleAfter)
+	if ok, _ := p.tryTake(); !ok {
+		t.Fatal("no slot")
+	}
+	p.wake(quiet)
+	if got := p.state().limit; got != minLimit {
+		t.Fatalf("limit %v woken with an establishment in flight, want %v kept", got, minLimit)
+	}
+	p.give()
+	p.wake(quiet)
+	st := p.state()
+	if st.limit != 1 || st.baseline != 5*ms || !p.admitAt().IsZero() {
+		t.Fatalf("after a quiet spell: limit %v, baseline %v, next admission %v; want one prober at once, the 5ms baseline kept",
+			st.limit, st.baseline, p.admitAt())
+	}
+	// The prober's 6ms answer is within allowed: it is the average now,
+	// not a quarter of the way down from the storm's, and the limit grows.
+	p.succeeded(quiet.Add(6*ms), quiet, 6*ms, 0, 1)
+	if st := p.state(); st.limit != 2 {
+		t.Errorf("limit %v after the prober's 6ms answer, want 2: the storm's average is forgotten", st.limit)
+	}
 }
 
 // A pool's establishments after its first wait until the pool has read
