@@ -486,6 +486,38 @@ func TestSynctestRefusedDialsGiveTheirTokenBack(t *testing.T) {
 	})
 }
 
+// A connect whose host lookup fails dials nothing, and forks nothing: the
+// token admit took for its first dial goes back to the bucket.
+func TestSynctestFailedLookupGivesItsTokenBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		lim := rate.NewLimiter(rate.Every(time.Hour), 1)
+		d, err := New(WithStartupJitter(0), WithLimiter(lim), WithBackOff(noRetry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := &fakeDials{serve: acceptAfter(0)}
+		cfg := fakeConfig(t, f)
+		errLookup := &net.DNSError{Err: "no such host", Name: "db.invalid", IsNotFound: true}
+		cfg.LookupFunc = func(context.Context, string) ([]string, error) { return nil, errLookup }
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		for range 3 {
+			if _, err := d.Connect(ctx, cfg); !errors.As(err, new(*net.DNSError)) {
+				t.Fatalf("connect: %v, want the lookup's error (a shed one means the bucket is empty)", err)
+			}
+		}
+		if s := d.Stats(); s.Refunds != 3 || s.Dials != 0 {
+			t.Errorf("refunds %d, dials %d; want 3 and 0", s.Refunds, s.Dials)
+		}
+		cfg.LookupFunc = f.lookup
+		conn, err := d.Connect(ctx, cfg)
+		if err != nil {
+			t.Fatalf("connect once the name resolves: %v, want the hour-long token still in the bucket", err)
+		}
+		conn.Close(context.Background())
+	})
+}
+
 func TestSynctestRecoveryKeepsThePhaseOfTheStartupWindow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeDials{}

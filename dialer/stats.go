@@ -16,7 +16,7 @@ type Stats struct {
 	Shed           int64 // waits refused because the caller's deadline came first
 	Retries        int64 // retry-loop attempts after the first
 	Dials          int64 // TCP connections attempted for establishments
-	Refunds        int64 // ... and CancelRequests the server forked nothing for (refused, or dropped unanswered): their tokens were given back
+	Refunds        int64 // ... and CancelRequests the server forked nothing for (refused, or dropped unanswered), and establishments that dialed nothing (a failed lookup): their tokens were given back
 	CancelDials    int64 // TCP connections opened for CancelRequests
 	CancelsSkipped int64 // plain-text CancelRequests for process ID 0 (pgx sends one when a connect fails), answered without a connection
 	CancelsShed    int64 // CancelRequests not sent: no token before their deadline (a fleet member's: none at hand beyond its next connect's), or their wait ended (Close)

@@ -56,7 +56,9 @@ func establishmentOf(ctx context.Context) *establishment {
 //	a pacer slot (pacerHeld)        the slot, after the pacer learns
 //	                                  the establishment's time (release)
 //	the first dial's token          spent by the first dial; refunded by
-//	  (firstDialRefund)               end if the server dropped it unanswered
+//	  (firstDialRefund)               end if the server dropped it
+//	                                  unanswered, or if nothing dialed (a
+//	                                  failed lookup)
 //	span                            ended by report
 type establishment struct {
 	start    time.Time // begin
@@ -324,9 +326,9 @@ func (g *Gate) end(e *establishment, err error) {
 }
 
 // release gives back what begin took but the span and ctx, which report
-// still uses, and the tokens of dials the server never answered (see
-// dialFunc), before learn counts a recovery delay from the bucket. A fleet
-// member also gives back the tokens of an establishment that failed
+// still uses, the tokens of dials the server never answered (see
+// dialFunc) and the first dial's token if nothing dialed, before learn
+// counts a recovery delay from the bucket. A fleet member also gives back the tokens of an establishment that failed
 // transiently: its reconnect cycle paces its attempts, one a window, and a
 // bucket refilled on its own schedule would add up to a window to each.
 // A success teaches the pacer first, so that its slot goes to the next
@@ -353,6 +355,11 @@ func (g *Gate) release(e *establishment, class Class, now time.Time) {
 		}
 	}
 	e.mu.Unlock()
+	if p := e.firstDialRefund.Swap(nil); p != nil {
+		// No dial took it: the lookup failed, or the connect ended
+		// before dialing. Nothing was forked.
+		g.refund(*p)
+	}
 }
 
 // learn counts the outcome and updates what the gate knows of the server:
