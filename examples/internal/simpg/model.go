@@ -33,10 +33,12 @@ type Model struct {
 	// PostgreSQL asks for 2 × max_connections; Linux caps it at
 	// net.core.somaxconn (4096).
 	Backlog int `json:"backlog"`
-	// A restart refuses connections for Down, plus DownPerBackend for each
-	// backend it ends (a server holding many takes longer to stop), then
-	// answers 57P03 ("the database system is starting up") for Starting,
-	// each after a fork.
+	// A restart ends its backends' sessions one at a time, DownPerBackend
+	// apart (a server holding many takes longer to stop), answering new
+	// connections 57P03 ("the database system is shutting down") after a
+	// fork meanwhile; then it refuses connections for Down, then answers
+	// 57P03 ("the database system is starting up") for Starting, each
+	// after a fork. See [Server.Restart].
 	Down           Duration `json:"down"`
 	DownPerBackend Duration `json:"down_per_backend"`
 	Starting       Duration `json:"starting"`
@@ -85,7 +87,8 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 // measured in connect-control's notes and the demo's runs: 294–320
 // connects/s at 0–500 backends, 239/s at 1,000, 197/s at 1,500 (clients
 // connecting and closing, so that Exit is in them); an idle connect of
-// 4.6ms; a restart of about a second, 3.2s holding 1,500 connections.
+// 4.6ms; a restart of about a second, 3.2s holding 1,500 connections,
+// their sessions ending over its first 2.4s.
 var Default = Model{
 	Capacity:       []Point{{0, 307}, {500, 307}, {1000, 239}, {1500, 197}},
 	IdleConnect:    Duration(4600 * time.Microsecond),

@@ -7,7 +7,8 @@
 // for its authentication, then start up beside the queue, speak enough
 // of the wire protocol for pgx (the simple query protocol), and answer
 // pgstagger's server facts queries from the server's state. A restart ends
-// every session (57P01), refuses connections, then answers 57P03. The
+// the sessions one at a time (57P01) while it answers new connections
+// 57P03, then refuses connections, then answers 57P03 again. The
 // queries and backend exits of the last second take their share of the
 // machine's CPU, and stretch every fork and start-up by as much. The numbers are a [Model]'s.
 //
@@ -55,14 +56,16 @@ type state int
 
 const (
 	up state = iota
+	stopping
 	down
 	starting
 )
 
 // pending is a connection from its accept on.
 type pending struct {
-	conn *end
-	gen  int // the server's life it belongs to
+	conn    *end
+	gen     int   // the server's life it belongs to
+	started int64 // as a backend: the tenth of a second it started (guarded by the server's mu)
 }
 
 // New starts a server doing what m says. Close stops it.
@@ -189,11 +192,14 @@ func (s *Server) backend(p *pending, pid int) {
 		return
 	case s.state == starting:
 		fatal = &pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P03", Message: "the database system is starting up"}
+	case s.state == stopping:
+		fatal = &pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P03", Message: "the database system is shutting down"}
 	case len(s.backends) >= s.m.MaxConnections:
 		fatal = &pgproto3.ErrorResponse{Severity: "FATAL", Code: "53300", Message: "sorry, too many clients already"}
 	default:
 		s.backends[p] = struct{}{}
 		s.starts[started]++
+		p.started = started
 	}
 	s.mu.Unlock()
 	if fatal != nil {
@@ -346,40 +352,68 @@ func (s *Server) uncount(started int64) {
 	}
 }
 
-// Restart stops the server as pg_ctl's fast mode does (every backend sends
-// its client 57P01 and exits, connections in the listen queue are reset),
-// keeps it down for the model's Down and DownPerBackend, then starting for
-// its Starting, and returns once it accepts connections again.
+// Restart stops the server as pg_ctl's fast mode does and starts it
+// again, returning once it accepts connections. Every backend is told to
+// exit at once, but they exit one at a time, each sending its client 57P01
+// and taking the model's DownPerBackend, in no particular order (measured
+// on a 2-core machine holding 358 idle connections: the sessions ended
+// over 2.5s, evenly, and the postmaster exited 1.2s after the last), and
+// meanwhile a new connection is forked and answered 57P03 ("the database
+// system is shutting down"). Then the postmaster exits: connections in
+// the listen queue are reset, and the server refuses connections for the
+// model's Down, then answers 57P03 ("starting up") for its Starting.
 func (s *Server) Restart() error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return fmt.Errorf("simpg: restart of a closed server")
 	}
+	s.state = stopping
+	exiting := make([]*pending, 0, len(s.backends))
+	for p := range s.backends {
+		exiting = append(exiting, p)
+	}
+	s.mu.Unlock()
+	for _, p := range exiting {
+		time.Sleep(time.Duration(s.m.DownPerBackend))
+		s.mu.Lock()
+		if _, ok := s.backends[p]; ok {
+			s.terminate(p)
+		}
+		s.mu.Unlock()
+	}
+	s.mu.Lock()
 	s.gen++
 	s.state = down
-	down := time.Duration(s.m.Down) + time.Duration(s.m.DownPerBackend)*time.Duration(len(s.backends))
 	s.shutdown()
 	s.mu.Unlock()
-	time.Sleep(down)
+	time.Sleep(time.Duration(s.m.Down))
 	s.setState(starting)
 	time.Sleep(time.Duration(s.m.Starting))
 	s.setState(up)
 	return nil
 }
 
-// shutdown ends every connection; s.mu is held.
+// terminate ends backend p's session as a fast shutdown does: 57P01, and
+// the connection closes; s.mu is held.
+func (s *Server) terminate(p *pending) {
+	msg, _ := (&pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P01", Message: "terminating connection due to administrator command"}).Encode(nil)
+	_, _ = p.conn.Write(msg)
+	_ = p.conn.Close()
+	delete(s.backends, p)
+	s.uncount(p.started)
+}
+
+// shutdown resets the connections in the listen queue and ends every
+// session left; s.mu is held.
 func (s *Server) shutdown() {
 	for _, p := range s.queue {
 		_ = p.conn.reset()
 	}
 	s.queue = nil
-	msg, _ := (&pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P01", Message: "terminating connection due to administrator command"}).Encode(nil)
 	for p := range s.backends {
-		_, _ = p.conn.Write(msg)
-		_ = p.conn.Close()
+		s.terminate(p)
 	}
-	clear(s.backends)
 	clear(s.starts)
 }
 

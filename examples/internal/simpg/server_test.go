@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -147,6 +148,64 @@ func TestRestartEndsSessionsRefusesThenAnswersStartingUp(t *testing.T) {
 			t.Fatalf("connect after the restart: %v", err)
 		}
 		c.Close(context.Background())
+	})
+}
+
+// A fast shutdown ends its backends one at a time: the sessions end
+// DownPerBackend apart, a new connection meanwhile is answered 57P03 (the
+// system is shutting down), and the server refuses connections only once
+// the last has ended.
+func TestRestartEndsSessionsOneAtATime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := testModel()
+		m.DownPerBackend = Duration(100 * time.Millisecond)
+		s := start(t, m)
+		var held []*pgconn.PgConn
+		for range 4 {
+			c, err := connect(t.Context(), t, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, c)
+		}
+		begin := time.Now()
+		restarted := make(chan error)
+		go func() { restarted <- s.Restart() }()
+		ended := make(chan time.Duration, len(held))
+		for _, c := range held {
+			go func() {
+				var pe *pgconn.PgError
+				if err := c.WaitForNotification(context.Background()); !errors.As(err, &pe) || pe.Code != "57P01" {
+					t.Errorf("session ended with %v, want 57P01", err)
+				}
+				ended <- time.Since(begin)
+			}()
+		}
+		time.Sleep(150 * time.Millisecond)
+		var pe *pgconn.PgError
+		if _, err := connect(t.Context(), t, s); !errors.As(err, &pe) || pe.Code != "57P03" || pe.Message != "the database system is shutting down" {
+			t.Errorf("connect while the backends exit: %v, want 57P03, shutting down", err)
+		}
+		var ends []time.Duration
+		for range held {
+			ends = append(ends, <-ended)
+		}
+		slices.Sort(ends)
+		for i, d := range ends {
+			if want := time.Duration(i+1) * 100 * time.Millisecond; d != want {
+				t.Errorf("sessions ended at %v, want 100ms apart from the restart", ends)
+				break
+			}
+		}
+		if _, err := connect(t.Context(), t, s); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("connect once every session ended: %v, want connection refused", err)
+		}
+		if err := <-restarted; err != nil {
+			t.Fatal(err)
+		}
+		if got, want := time.Since(begin), 400*time.Millisecond+time.Duration(m.Down+m.Starting); got != want {
+			t.Errorf("restart took %v, want %v", got, want)
+		}
 	})
 }
 
