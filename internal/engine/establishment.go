@@ -328,9 +328,10 @@ func (g *Gate) end(e *establishment, err error) {
 // release gives back what begin took but the span and ctx, which report
 // still uses, the tokens of dials the server never answered (see
 // dialFunc) and the first dial's token if nothing dialed, before learn
-// counts a recovery delay from the bucket. A fleet member also gives back the tokens of an establishment that failed
-// transiently: its reconnect cycle paces its attempts, one a window, and a
-// bucket refilled on its own schedule would add up to a window to each.
+// counts a recovery delay from the bucket. A fleet member also gives back
+// the tokens of an establishment that failed transiently: its reconnect
+// cycle paces its attempts, one a window, and a bucket refilled on its own
+// schedule would add up to a window to each.
 // A success teaches the pacer first, so that its slot goes to the next
 // establishment with the limit and spacing it set.
 func (g *Gate) release(e *establishment, class Class, now time.Time) {
