@@ -467,3 +467,57 @@ func TestAPoolsSecondConnectWaitsForTheFirstFactsRead(t *testing.T) {
 		t.Errorf("second dial %v before the first facts read went out (the read was held %v): it must wait for it", readAt.Sub(dials[1]), delay)
 	}
 }
+
+// The history query counts, on a real server, what the client backends'
+// start times show: the most that started within one calendar second and
+// within one tenth of a second, as counted here from the same snapshot of
+// pg_stat_activity. The server's own processes, which all start with it,
+// are not connections.
+func TestFactsHistoryQueryCountsTheClientBackendsStartTimes(t *testing.T) {
+	c := ownCluster(t, testdb.Options{})
+	// Two bursts 1.1s apart: they fall in different seconds.
+	holdOthers(t, c, 3)
+	time.Sleep(1100 * time.Millisecond)
+	holdOthers(t, c, 2)
+	ctx := t.Context()
+	conn, err := pgx.Connect(ctx, c.ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	// One transaction: one snapshot of the backends' status.
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	var got [3]int
+	if err := tx.QueryRow(ctx, engine.FactsHistoryQuery).Scan(&got[0], &got[1], &got[2]); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := tx.Query(ctx, `select floor(extract(epoch from backend_start) * 10)::bigint from pg_stat_activity
+		where backend_type = 'client backend'`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tenths, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := [3]int{len(tenths), 0, 0}
+	for _, end := range tenths {
+		var second, tenth int
+		for _, u := range tenths {
+			if u/10 == end/10 {
+				second++
+			}
+			if u == end {
+				tenth++
+			}
+		}
+		want[1], want[2] = max(want[1], second), max(want[2], tenth)
+	}
+	if got != want {
+		t.Errorf("history query = %v, want %v (held, one second, one tenth) from the client backends' start times %v", got, want, tenths)
+	}
+}
