@@ -22,7 +22,7 @@ func ExampleNew() {
 	defer p.Close()
 	plan := p.Dialer().Plan()
 	fmt.Println(plan.StartupWindow, plan.Rate, plan.Burst, plan.MaxConnecting, plan.ResponseTarget)
-	// Output: 1s 200 32 32 2
+	// Output: 1s 200 32 32 1.5
 }
 
 // Budget a fleet: 300 workers start together, each keeping 2 connections

@@ -96,7 +96,7 @@ func WithMaxConnecting(n int) Option {
 // with 0: the pacer lets more of the pool's establishments be under way at
 // once while they take within ratio × the quickest one seen, and fewer
 // when they take longer or a connect fails
-// transiently. See [dialer.WithResponseTarget]. Default 2
+// transiently. See [dialer.WithResponseTarget]. Default 1.5
 // ([dialer.DefaultResponseTarget]).
 func WithResponseTarget(ratio float64) Option {
 	return gate(dialer.WithResponseTarget(ratio))

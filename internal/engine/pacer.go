@@ -110,7 +110,8 @@ type pacer struct {
 // rise before the pacer calls it a queue: on a loopback server answering in
 // a fraction of a millisecond, twice the baseline is a scheduler's hiccup on
 // a busy machine, not a postmaster's queue. It changes nothing for a
-// baseline of 2ms or more, where the target ratio allows more.
+// baseline of pacerSlack/(ratio − 1) or more (4ms at the default ratio,
+// 1.5), where the target ratio allows more.
 const pacerSlack = 2 * time.Millisecond
 
 // subOneStep is how much an answer within allowed adds to a limit below 1:
