@@ -41,9 +41,9 @@ const FactsQuery = `select coalesce(sum(pg_stat_get_db_numbackends(oid)), 0) fro
 
 // FactsHistoryQuery reads Held, the most visible backends that started
 // within one calendar second, and the most within one tenth of a second.
-// It counts client connections only: the server's own processes
+// It counts backends connected to a database: the server's own processes
 // (checkpointer, WAL writer and the rest, all started with the server in
-// one second) have database 0. It costs about a microsecond per backend
+// one second) have none (database 0). It costs about a microsecond per backend
 // (1.4ms with 1,500), seven times FactsQuery: read it rarely.
 const FactsHistoryQuery = `select (select coalesce(sum(pg_stat_get_db_numbackends(oid)), 0) from pg_database), coalesce(max(s), 0), coalesce(max(t), 0)
 	from (select sum(n) as s, max(n) as t from (select count(*) as n, floor(extract(epoch from pg_stat_get_backend_start(id)) * 10) as tenth
