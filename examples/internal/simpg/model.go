@@ -48,8 +48,10 @@ type Model struct {
 	// server holds (a snapshot scans them all), the client's included
 	// where the client shares the machine, and Exit how much a backend's
 	// exit takes. What the queries and exits of the last second took is
-	// their share of Cores, which the postmaster and the backends starting
-	// up do not have: their times stretch by 1 / (1 − share).
+	// their share of Cores, which the postmaster working through a queue
+	// does not have: its forks stretch by 1 / (1 − share). A process
+	// woken to do a little work (a lone connection's fork, a backend's
+	// start-up, a query) stretches less: see [Server].
 	Query              Duration `json:"query"`
 	QueryCPU           Duration `json:"query_cpu"`
 	QueryCPUPerBackend Duration `json:"query_cpu_per_backend"`
