@@ -154,8 +154,11 @@ type Plan struct {
 	StartupDelay  time.Duration // this process's startup delay: its place in the window
 	// Phase is this process's place in its fleet's order, in [0, 1): the
 	// middle of its slot, (member + ½) ÷ size, for a fleet member, else a
-	// draw. After a failure the process reconnects at this offset into a
-	// wall-clock cycle as long as [Dialer.RecoveryWindow].
+	// draw. After a failure a fleet member reconnects at this offset into
+	// a wall-clock cycle as long as [Dialer.RecoveryWindow]; another
+	// process does too until it has connected, and then at
+	// [github.com/pgstagger/pgstagger/jitter.Weyl] of its newest
+	// connection's backend process ID (see [WithBackoff]).
 	Phase          float64
 	Rate           rate.Limit // new TCP connections per second (of the shared limiter with WithLimiter)
 	Burst          int

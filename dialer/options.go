@@ -229,9 +229,15 @@ func WithResponseTarget(ratio float64) Option {
 // for the process's next place in a reconnect cycle: the first instant,
 // once the bucket holds a token, whose offset into a wall-clock cycle as
 // long as the recovery window ([Dialer.RecoveryWindow]) is the process's
-// [Plan].Phase. A fleet that loses its server together comes back at its
-// pace, most of it within one window of the server, in the same order each
-// cycle, with no process drawing again into a tail. The recovery window is
+// phase: a fleet member's [Plan].Phase; otherwise, once the process has
+// connected, [jitter.Weyl] of its newest connection's backend process ID
+// (before that, Plan.Phase, a draw). A fleet that loses its server
+// together comes back at its pace, most of it within one window of the
+// server, in the same order each cycle, with no process drawing again
+// into a tail; and a fleet whose backends the postmaster forked one after
+// another, as it does in a fleet's start or a recovery, holds nearly
+// consecutive process IDs, whose phases spread evenly over the cycle
+// where independent draws clump. The recovery window is
 // the startup window, or for a pool that is not a configured fleet the
 // window the server's facts call for, if longer (see
 // pool.WithServerFacts). A session the server ends as it shuts down or

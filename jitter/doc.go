@@ -16,6 +16,9 @@
 // [Decelerating] places a fleet's members in a window so that the fleet
 // connects more slowly as the server fills, and [Phase] keeps each member's
 // place in a wall-clock cycle when the fleet reconnects after a failure.
+// [Weyl] turns a number a process knows, distinct from its fleet's and
+// nearly consecutive with theirs (a backend's process ID), into such a
+// place, evenly spread with no coordination.
 //
 // The functions are safe for concurrent use; [Rand] values must be too if
 // shared.

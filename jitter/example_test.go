@@ -34,3 +34,19 @@ func ExampleDecelerating() {
 	// 16.406s
 	// 25.156s
 }
+
+// Five processes whose backends were forked one after another take places
+// in a reconnect cycle from their backends' process IDs: sorted, 0.215,
+// 0.361, 0.597, 0.743 and 0.979, gaps of only two sizes (0.146 and 0.236
+// of the cycle), where five draws could land anywhere.
+func ExampleWeyl() {
+	for pid := uint64(4200); pid < 4205; pid++ {
+		fmt.Printf("%.3f\n", jitter.Weyl(pid))
+	}
+	// Output:
+	// 0.743
+	// 0.361
+	// 0.979
+	// 0.597
+	// 0.215
+}

@@ -63,6 +63,20 @@ func Phase(t time.Time, period time.Duration, f float64) time.Time {
 	return t.Add(d)
 }
 
+// Weyl returns the fractional part of n × (√5 − 1)/2, in [0, 1): for
+// consecutive n, places spread evenly over a cycle, each new one falling
+// in the largest gap left (the golden-ratio, or Weyl, sequence). Of any
+// run of consecutive integers, every interval of the cycle holds the
+// run's length times its own, within a few. Distinct processes that know
+// distinct, nearly consecutive numbers (the server's process IDs of
+// backends forked one after another) take evenly spread phases this way,
+// with no coordination.
+func Weyl(n uint64) float64 {
+	// n × 2⁶⁴/φ modulo 2⁶⁴, in fixed point: exact for every n.
+	const invPhi = 0x9E3779B97F4A7C15
+	return float64((n*invPhi)>>11) / (1 << 53)
+}
+
 // Sleep waits for d or until ctx is done, whichever comes first. It returns
 // nil after a full wait and ctx's error (or cause) otherwise. A d ≤ 0 returns
 // at once, reporting ctx's error only if ctx is already done.

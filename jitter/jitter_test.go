@@ -151,3 +151,34 @@ func TestPhaseIsTheNextInstantAtTheOffset(t *testing.T) {
 		t.Errorf("Phase(-15s, 10s, 0.5) = %v, want -15s", got.Unix())
 	}
 }
+
+// Of any 400 consecutive numbers, wherever they start, every sixteenth of
+// the cycle holds 25 within 2, where 400 independent draws put 34 in the
+// fullest sixteenth (median of 2,000 trials; 31-39 in 90% of them).
+func TestWeylSpreadsConsecutiveNumbersEvenly(t *testing.T) {
+	for _, from := range []uint64{0, 1, 4096, 123457, 1 << 22, math.MaxUint64 - 399} {
+		var bins [16]int
+		for n := from; n-from < 400; n++ {
+			f := Weyl(n)
+			if f < 0 || f >= 1 {
+				t.Fatalf("Weyl(%d) = %v, outside [0, 1)", n, f)
+			}
+			bins[int(f*16)]++
+		}
+		for i, c := range bins {
+			if c < 23 || c > 27 {
+				t.Errorf("from %d: sixteenth %d holds %d of 400, want 25 ± 2 (all: %v)", from, i, c, bins)
+				break
+			}
+		}
+	}
+}
+
+func TestWeylIsTheGoldenRatiosFractionalPart(t *testing.T) {
+	for _, n := range []uint64{1, 2, 3, 1000, 99991} {
+		want := math.Mod(float64(n)*(math.Sqrt(5)-1)/2, 1)
+		if got := Weyl(n); math.Abs(got-want) > 1e-9 {
+			t.Errorf("Weyl(%d) = %v, want %v", n, got, want)
+		}
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"github.com/pgstagger/pgstagger/internal/engine"
 	"github.com/pgstagger/pgstagger/internal/oteltest"
 	"github.com/pgstagger/pgstagger/internal/testdb"
+	"github.com/pgstagger/pgstagger/jitter"
 )
 
 // holdOthers opens n connections to c from a plain pgxpool and keeps them
@@ -158,7 +159,8 @@ func TestServerFactsOff(t *testing.T) {
 // After a restart the process learns of it from the session the server
 // ended (57P01), not from a refused dial, and its reconnect waits for its
 // place in the window the server's facts call for: a wall-clock cycle as
-// long as that window, at the process's phase.
+// long as that window, at the phase its newest connection's backend
+// process ID gives.
 func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
 	c := ownCluster(t, testdb.Options{})
 	cfg, err := pgxpool.ParseConfig(c.ConnString("", "pool_max_conns=1"))
@@ -191,6 +193,12 @@ func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
 	if w < time.Second {
 		t.Fatalf("recovery window %v from %+v: too short to tell a place from a dial at once", w, p.g.Facts())
 	}
+	held, err := p.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := held.Conn().PgConn().PID() // the process's newest connection's backend
+	held.Release()
 	if err := c.Restart(); err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +222,7 @@ func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
 	if len(after) != 1 {
 		t.Fatalf("%d dials after the restart, want 1", len(after))
 	}
-	phase := p.Dialer().Plan().Phase
+	phase := jitter.Weyl(uint64(pid))
 	late := (time.Duration(after[0].UnixNano())%w - time.Duration(phase*float64(w)) + w) % w
 	t.Logf("window %v from %+v; the reconnect came %v after the place", w, p.g.Facts(), late)
 	if late > 200*time.Millisecond {

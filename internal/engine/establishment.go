@@ -32,6 +32,7 @@ func (h *connectHook) TraceConnectEnd(ctx context.Context, data pgx.TraceConnect
 	if e := establishmentOf(ctx); e != nil {
 		if data.Err == nil && data.Conn != nil {
 			data.Conn.PgConn().CustomData()[establishedKey] = e.admitted
+			h.g.pid.Store(data.Conn.PgConn().PID())
 		}
 		h.g.end(e, data.Err)
 	}

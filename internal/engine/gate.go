@@ -82,6 +82,10 @@ type Gate struct {
 	// facts is what the pool last read of the server (nil: none).
 	facts atomic.Pointer[ServerFacts]
 
+	// pid is the server's process ID of the newest connection
+	// established (0: none yet): see [Gate.recoveryPhase].
+	pid atomic.Uint32
+
 	hosts *hostHealth // backed-off hosts of multi-host connection strings
 
 	plainWarned atomic.Bool // the sslmode=prefer warning was logged

@@ -89,3 +89,26 @@ func TestPlaceAfterAllowsAFleetMemberAFiftiethOfAPeriod(t *testing.T) {
 		}
 	}
 }
+
+// A process that is not a fleet member reconnects at a place set by the
+// backend process ID of its newest connection, once it has one; a fleet
+// member keeps its slot.
+func TestRecoveryPhaseFollowsTheNewestBackendPID(t *testing.T) {
+	lone := &Gate{plan: Plan{Phase: 0.35, FleetMember: -1}, cfg: &Config{}}
+	if got := lone.recoveryPhase(); got != 0.35 {
+		t.Errorf("before any connection: phase %v, want the draw, 0.35", got)
+	}
+	lone.pid.Store(4242)
+	if got, want := lone.recoveryPhase(), jitter.Weyl(4242); got != want {
+		t.Errorf("after backend 4242: phase %v, want %v", got, want)
+	}
+	lone.pid.Store(4243)
+	if got, want := lone.recoveryPhase(), jitter.Weyl(4243); got != want {
+		t.Errorf("after backend 4243: phase %v, want %v", got, want)
+	}
+	member := &Gate{plan: Plan{Phase: 0.35, FleetSize: 10, FleetMember: 3}, cfg: &Config{}}
+	member.pid.Store(4242)
+	if got := member.recoveryPhase(); got != 0.35 {
+		t.Errorf("fleet member: phase %v, want its slot's, 0.35", got)
+	}
+}
