@@ -72,7 +72,8 @@ func Phase(t time.Time, period time.Duration, f float64) time.Time {
 // backends forked one after another) take evenly spread phases this way,
 // with no coordination.
 func Weyl(n uint64) float64 {
-	// n × 2⁶⁴/φ modulo 2⁶⁴, in fixed point: exact for every n.
+	// n × ⌊2⁶⁴/φ⌉ modulo 2⁶⁴, in fixed point: within n × 2⁻⁶⁴ of the
+	// fractional part.
 	const invPhi = 0x9E3779B97F4A7C15
 	return float64((n*invPhi)>>11) / (1 << 53)
 }

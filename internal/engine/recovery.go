@@ -13,12 +13,12 @@ import (
 // the process waits for its recoverUntil: the process's next place in a
 // wall-clock cycle as long as the recovery window (its phase,
 // [Gate.recoveryPhase]) once the shared backoff has passed and the bucket
-// holds a token. A
-// failing server is often failing for the whole fleet (a restart): the
-// phases spread the fleet's reconnects over one cycle, in the same order
-// every cycle, so most of the fleet is back within a cycle of the server,
-// with no process drawing again into a tail; and waiting for the token
-// first keeps buckets emptied together from releasing the fleet together.
+// holds a token. A failing server is often failing for the whole fleet (a
+// restart): the phases spread the fleet's reconnects over one cycle, in
+// the same order every cycle, so most of the fleet is back within a cycle
+// of the server, with no process drawing again into a tail; and waiting
+// for the token first keeps buckets emptied together from releasing the
+// fleet together.
 
 // waitRecovery waits out the recovery state, if any.
 func (g *Gate) waitRecovery(e *establishment) error {
