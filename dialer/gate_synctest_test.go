@@ -1271,3 +1271,30 @@ func TestSynctestPacerBelowOneWakesAfterAQuietSpell(t *testing.T) {
 		}
 	})
 }
+
+// A Close while a dial is under way ends it: the dial returns the
+// cancellation (context.Canceled, as net.Dialer does, not Close's cause),
+// and the establishment counts as closed, not as a permanent failure, in
+// Stats and in its span's error.type.
+func TestSynctestCloseDuringADialCountsAsClosed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		dials := &fakeDials{block: true}
+		d, cfg := fakeInstalled(t, dials, WithStartupJitter(0), WithBackOff(noRetry))
+		errs := make(chan error, 1)
+		go func() {
+			_, err := d.Connect(context.Background(), cfg)
+			errs <- err
+		}()
+		synctest.Wait() // the dial is blocked
+		if got := len(dials.times); got != 1 {
+			t.Fatalf("%d dials under way, want 1", got)
+		}
+		d.Close()
+		if err := <-errs; err == nil {
+			t.Fatal("a connect whose dial Close ended succeeded")
+		}
+		if s := d.Stats(); s.Closed != 1 || s.Permanent != 0 {
+			t.Errorf("stats closed %d, permanent %d; want 1 and 0", s.Closed, s.Permanent)
+		}
+	})
+}

@@ -319,6 +319,12 @@ func (g *Gate) end(e *establishment, err error) {
 		return
 	}
 	now := time.Now()
+	if err != nil && errors.Is(context.Cause(e.ctx), ErrClosed) {
+		// Close cancelled e: a dial under way returns the cancellation
+		// (net.Dialer's context.Canceled, not Close's cause), and it
+		// ended because the Gate closed.
+		err = errors.Join(ErrClosed, err)
+	}
 	class := Classify(err)
 	g.release(e, class, now)
 	g.learn(e, class, now)
