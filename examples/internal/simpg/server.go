@@ -26,6 +26,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"net"
 	"os"
 	"strconv"
@@ -309,29 +310,52 @@ func (s *Server) advance() {
 //     and shares one only while more processes run than there are
 //     cores: the postmaster woken by a connection that found it
 //     waiting, a backend starting up, a query. The load's processes are
-//     short and independent, so the number running at an instant is
-//     Poisson with mean u, and d takes d × E[max(1, (1+K)/Cores)].
+//     short and independent, so the number running when it wakes is K,
+//     Poisson with mean u, drawn for each wake, and d takes
+//     d × max(1, (1+K)/Cores): on average d × [sharedSlowdown](u), with
+//     the tail an unlucky wake has.
 //
 // Measured on a 2-core machine with 400 workers querying every 100ms
 // (about 1.2 of its cores), an unrelated client's connects took 1.0-1.5
 // times their idle time; d / (1 − u/Cores) for every process made them
 // 2.3-2.7 times, the sleeper's rule 1.4 times (BENCHMARKS.md).
 func (s *Server) stretched(d time.Duration, runner bool) time.Duration {
+	u := s.busy()
+	if runner {
+		return time.Duration(float64(d) / (1 - min(0.95, u/float64(s.m.Cores))))
+	}
+	return time.Duration(float64(d) * max(1, float64(1+poisson(u))/float64(s.m.Cores)))
+}
+
+// busy is how many cores the queries and exits of the last second kept
+// busy; s.mu is held.
+func (s *Server) busy() float64 {
 	s.advance()
 	var used time.Duration
 	for _, c := range s.cpu {
 		used += c
 	}
-	u := used.Seconds() // cores busy over the last second
-	if runner {
-		return time.Duration(float64(d) / (1 - min(0.95, u/float64(s.m.Cores))))
+	return used.Seconds()
+}
+
+// poisson draws from the Poisson distribution with mean u (Knuth's
+// method; u here is a few cores at most).
+func poisson(u float64) int {
+	if u <= 0 {
+		return 0
 	}
-	return time.Duration(float64(d) * sharedSlowdown(u, s.m.Cores))
+	limit, p := math.Exp(-u), rand.Float64()
+	k := 0
+	for p > limit {
+		p *= rand.Float64()
+		k++
+	}
+	return k
 }
 
 // sharedSlowdown is E[max(1, (1+K)/cores)] for K Poisson with mean u: how
-// much slower a process runs beside K others on cores cores, each process
-// at most one core.
+// much slower, on average, a process runs beside K others on cores cores,
+// each process at most one core.
 func sharedSlowdown(u float64, cores int) float64 {
 	if u <= 0 {
 		return 1
