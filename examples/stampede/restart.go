@@ -247,9 +247,9 @@ func peakPerSecond(ts []time.Duration) int {
 
 // steadyState is how long the bystander measures the loaded steady state
 // before the restart, for its p99 to be compared with the recovery's, which
-// takes 60-90 of its connects on a slow machine. Over 3s it made 14-15,
-// whose p99 is their slowest: a 93rd percentile, below the recovery's p99
-// of the same distribution.
+// takes 50-130 of its connects on a slow machine. Over 3s it made 14-15,
+// whose p99 is their slowest: about a 94th percentile, below the
+// recovery's p99 of the same distribution.
 const steadyState = 15 * time.Second
 
 // runRestart warms a fleet up, restarts the server under it and watches it

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -418,6 +419,24 @@ func TestACapacityScalesTheMachinesCosts(t *testing.T) {
 		}
 		if m.Down != base.Down || m.IdleConnect != base.IdleConnect || m.Cores != base.Cores {
 			t.Errorf("-capacity %s: down %v, idle connect %v, cores %d changed", c.capacity, time.Duration(m.Down), time.Duration(m.IdleConnect), m.Cores)
+		}
+	}
+}
+
+// TestWakesDrawTheirShareOfTheCPU checks the draw a woken process's
+// stretch takes, max(1, (1+K)/cores) with K from poisson(u), against its
+// expectation.
+func TestWakesDrawTheirShareOfTheCPU(t *testing.T) {
+	for _, cores := range []int{1, 2} {
+		for _, u := range []float64{0.5, 1.2, 3} {
+			const n = 200_000
+			var sum float64
+			for range n {
+				sum += max(1, float64(1+poisson(u))/float64(cores))
+			}
+			if got, want := sum/n, sharedSlowdown(u, cores); math.Abs(got-want) > 0.01*want {
+				t.Errorf("%d cores, %.1f busy: wakes stretched %.3f× on average, want %.3f×", cores, u, got, want)
+			}
 		}
 	}
 }
