@@ -312,8 +312,8 @@ func (s *Server) advance() {
 //     waiting, a backend starting up, a query. The load's processes are
 //     short and independent, so the number running when it wakes is K,
 //     Poisson with mean u, drawn for each wake, and d takes
-//     d × max(1, (1+K)/Cores): on average d × [sharedSlowdown](u), with
-//     the tail an unlucky wake has.
+//     d × max(1, (1+K)/Cores): on average d × E[max(1, (1+K)/Cores)],
+//     with the tail an unlucky wake has.
 //
 // Measured on a 2-core machine with 400 workers querying every 100ms
 // (about 1.2 of its cores), an unrelated client's connects took 1.0-1.5
@@ -351,24 +351,6 @@ func poisson(u float64) int {
 		k++
 	}
 	return k
-}
-
-// sharedSlowdown is E[max(1, (1+K)/cores)] for K Poisson with mean u: how
-// much slower, on average, a process runs beside K others on cores cores,
-// each process at most one core.
-func sharedSlowdown(u float64, cores int) float64 {
-	if u <= 0 {
-		return 1
-	}
-	c := float64(cores)
-	p := math.Exp(-u) // P(K = 0)
-	var sum, mass float64
-	for k := 0; mass < 1-1e-12 && k < 10*cores+int(10*u)+50; k++ {
-		sum += p * max(1, (1+float64(k))/c)
-		mass += p
-		p *= u / float64(k+1)
-	}
-	return sum + (1-mass)*max(1, (1+u)/c)
 }
 
 // answer sends the reply to a simple query: pgstagger's facts from the

@@ -440,3 +440,21 @@ func TestWakesDrawTheirShareOfTheCPU(t *testing.T) {
 		}
 	}
 }
+
+// sharedSlowdown is E[max(1, (1+K)/cores)] for K Poisson with mean u: how
+// much slower, on average, a process runs beside K others on cores cores,
+// each process at most one core.
+func sharedSlowdown(u float64, cores int) float64 {
+	if u <= 0 {
+		return 1
+	}
+	c := float64(cores)
+	p := math.Exp(-u) // P(K = 0)
+	var sum, mass float64
+	for k := 0; mass < 1-1e-12 && k < 10*cores+int(10*u)+50; k++ {
+		sum += p * max(1, (1+float64(k))/c)
+		mass += p
+		p *= u / float64(k+1)
+	}
+	return sum + (1-mass)*max(1, (1+u)/c)
+}
