@@ -247,7 +247,7 @@ func peakPerSecond(ts []time.Duration) int {
 
 // steadyState is how long the bystander measures the loaded steady state
 // before the restart, for its p99 to be compared with the recovery's, which
-// takes 50-130 of its connects on a slow machine. Over 3s it made 14-15,
+// takes 50-160 of its connects on a slow machine. Over 3s it made 14-15,
 // whose p99 is their slowest: about a 94th percentile, below the
 // recovery's p99 of the same distribution.
 const steadyState = 15 * time.Second
