@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
@@ -230,29 +229,6 @@ func TestAShutdownSendsTheReconnectToTheProcesssPlace(t *testing.T) {
 	}
 	if p.Dialer().Stats().BackoffWait.Count == 0 {
 		t.Error("the reconnect did not wait")
-	}
-}
-
-// The server cannot run the facts query on an SQL proxy without
-// PostgreSQL's statistics functions (class 42, 0A) or when it answers in
-// another shape: then the pool stops reading. Other errors (a timeout, a
-// statement cancelled) only postpone the next read.
-func TestCannotRunStopsTheReadsOnlyForAnUnknownFunctionOrShape(t *testing.T) {
-	cases := []struct {
-		err  error
-		stop bool
-	}{
-		{&pgconn.PgError{Code: "42883"}, true}, // undefined_function
-		{&pgconn.PgError{Code: "42P01"}, true}, // undefined_table
-		{&pgconn.PgError{Code: "0A000"}, true}, // feature_not_supported
-		{fmt.Errorf("read: %w", errFactsReply), true},
-		{&pgconn.PgError{Code: "57014"}, false}, // query_canceled
-		{context.DeadlineExceeded, false},
-	}
-	for _, c := range cases {
-		if got := cannotRun(c.err); got != c.stop {
-			t.Errorf("cannotRun(%v) = %v, want %v", c.err, got, c.stop)
-		}
 	}
 }
 

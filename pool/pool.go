@@ -29,10 +29,10 @@ var ErrClosed = dialer.ErrClosed
 type Pool struct {
 	p       *pgxpool.Pool
 	d       *dialer.Dialer
-	g       *engine.Gate    // d's engine
-	config  *pgxpool.Config // the caller's configuration, as given
-	life    *lifetimes      // nil without lifetime jitter
-	facts   *serverFacts    // nil with WithServerFacts(0)
+	g       *engine.Gate        // d's engine
+	config  *pgxpool.Config     // the caller's configuration, as given
+	life    *lifetimes          // nil without lifetime jitter
+	facts   *engine.FactsReader // nil with WithServerFacts(0)
 	metrics *poolMetrics
 }
 
@@ -143,7 +143,7 @@ func (p *Pool) Close() {
 	p.d.Close()
 	p.p.Close()
 	p.life.close()
-	p.facts.close()
+	p.facts.Close()
 	p.metrics.close()
 }
 

@@ -29,13 +29,40 @@ func (h *connectHook) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectS
 }
 
 func (h *connectHook) TraceConnectEnd(ctx context.Context, data pgx.TraceConnectEndData) {
-	if e := establishmentOf(ctx); e != nil {
-		if data.Err == nil && data.Conn != nil {
-			data.Conn.PgConn().CustomData()[establishedKey] = e.admitted
-			h.g.pid.Store(data.Conn.PgConn().PID())
-		}
-		h.g.end(e, data.Err)
+	made := data.Err == nil && data.Conn != nil
+	var pid uint32
+	if made {
+		pid = data.Conn.PgConn().PID()
 	}
+	if admitted, ok := h.g.ConnectEnded(ctx, pid, data.Err); ok && made {
+		data.Conn.PgConn().CustomData()[establishedKey] = admitted
+	}
+}
+
+// ConnectStarted and ConnectEnded are what the Gate does for pgx's
+// TraceConnectStart and TraceConnectEnd, for a client that speaks the
+// protocol without pgx (the stampede demo's simulated fleets of 100,000):
+// between them it calls the configuration's LookupFunc, DialFunc and
+// AfterNetConnect in pgconn's order, with the context ConnectStarted
+// returned. pid is the server's process ID of the connection made (0 if
+// err is not nil); admitted, when the gate let the establishment touch
+// the server, is what [Gate.SessionError] needs of the session. ok is
+// false if ctx did not come from ConnectStarted.
+func (g *Gate) ConnectStarted(ctx context.Context) context.Context {
+	return (&connectHook{g: g}).TraceConnectStart(ctx, pgx.TraceConnectStartData{})
+}
+
+// ConnectEnded: see [Gate.ConnectStarted].
+func (g *Gate) ConnectEnded(ctx context.Context, pid uint32, err error) (admitted time.Time, ok bool) {
+	e := establishmentOf(ctx)
+	if e == nil {
+		return time.Time{}, false
+	}
+	if err == nil && pid != 0 {
+		g.pid.Store(pid)
+	}
+	g.end(e, err)
+	return e.admitted, true
 }
 
 type establishmentKey struct{}

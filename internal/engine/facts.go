@@ -203,14 +203,21 @@ var lostCodes = map[string]bool{
 // dialing at once.
 func (g *Gate) onPgError(next pgconn.PgErrorHandler) pgconn.PgErrorHandler {
 	return func(c *pgconn.PgConn, err *pgconn.PgError) bool {
-		if lostCodes[err.Code] {
-			admitted, _ := c.CustomData()[establishedKey].(time.Time)
-			g.lost(admitted, time.Now(), err.Code)
-		}
+		admitted, _ := c.CustomData()[establishedKey].(time.Time)
+		g.SessionError(admitted, err)
 		if next == nil {
 			return true
 		}
 		return next(c, err)
+	}
+}
+
+// SessionError is what the Gate's OnPgError does, for a client without
+// pgconn (see [Gate.ConnectStarted]): the server sent err on a session
+// established (admitted) at admitted.
+func (g *Gate) SessionError(admitted time.Time, err *pgconn.PgError) {
+	if lostCodes[err.Code] {
+		g.lost(admitted, time.Now(), err.Code)
 	}
 }
 

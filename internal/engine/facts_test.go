@@ -1,6 +1,8 @@
 package engine
 
 import (
+	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -189,5 +191,28 @@ func TestPacerHoldsItsGrowthUntilTheFactsSettle(t *testing.T) {
 	g.pacer.succeeded(now.Add(5*time.Millisecond), now, 5*time.Millisecond, 0, 1)
 	if got := g.pacer.state().limit; got != 2 {
 		t.Errorf("limit %v after the facts and an idle answer, want 2", got)
+	}
+}
+
+// The server cannot run the facts query on an SQL proxy without
+// PostgreSQL's statistics functions (class 42, 0A) or when it answers in
+// another shape: then the pool stops reading. Other errors (a timeout, a
+// statement cancelled) only postpone the next read.
+func TestCannotRunStopsTheReadsOnlyForAnUnknownFunctionOrShape(t *testing.T) {
+	cases := []struct {
+		err  error
+		stop bool
+	}{
+		{&pgconn.PgError{Code: "42883"}, true}, // undefined_function
+		{&pgconn.PgError{Code: "42P01"}, true}, // undefined_table
+		{&pgconn.PgError{Code: "0A000"}, true}, // feature_not_supported
+		{fmt.Errorf("read: %w", ErrFactsReply), true},
+		{&pgconn.PgError{Code: "57014"}, false}, // query_canceled
+		{context.DeadlineExceeded, false},
+	}
+	for _, c := range cases {
+		if got := CannotReadFacts(c.err); got != c.stop {
+			t.Errorf("CannotReadFacts(%v) = %v, want %v", c.err, got, c.stop)
+		}
 	}
 }
