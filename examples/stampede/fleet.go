@@ -11,14 +11,34 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pgstagger/pgstagger/dialer"
 	"github.com/pgstagger/pgstagger/pool"
 )
 
-// workerPool is what a worker needs of its pool: both pgxpool and
-// pgstagger's pool have it.
+// workerPool is a worker's pool: pgxpool's or pgstagger's (pgxWorker), or
+// the lite client's (litePool).
 type workerPool interface {
-	Acquire(ctx context.Context) (*pgxpool.Conn, error)
+	// work acquires conns connections at once and runs a query on each.
+	work(ctx context.Context, conns int) error
 	Close()
+}
+
+// pgxWorker is a worker's pgxpool or pgstagger pool.
+type pgxWorker struct {
+	acquirer interface {
+		Acquire(ctx context.Context) (*pgxpool.Conn, error)
+		Close()
+	}
+}
+
+func (w pgxWorker) Close() { w.acquirer.Close() }
+
+// Dialer is the pool's Dialer (nil: pgxpool's), for countGates.
+func (w pgxWorker) Dialer() *dialer.Dialer {
+	if p, ok := w.acquirer.(*pool.Pool); ok {
+		return p.Dialer()
+	}
+	return nil
 }
 
 // runConfig is one fleet start.
@@ -37,6 +57,9 @@ type runConfig struct {
 	settle time.Duration
 	// every is a restart run's interval between each worker's queries.
 	every time.Duration
+	// watch is how long after the server is up a restart run waits for
+	// every worker to be back.
+	watch time.Duration
 }
 
 // runResult is what one fleet start did.
@@ -96,7 +119,7 @@ func runFleet(ctx context.Context, cfg runConfig, by *bystander, progress bool) 
 			p, err := cfg.newPool(ctx, base.Copy(), i)
 			if err == nil {
 				pools[i] = p
-				err = work(wctx, p, cfg.conns)
+				err = p.work(wctx, cfg.conns)
 			}
 			wait := time.Since(start)
 			mu.Lock()
@@ -156,8 +179,7 @@ loop:
 	return res, nil
 }
 
-// work acquires conns connections at once and runs a query on each.
-func work(ctx context.Context, p workerPool, conns int) error {
+func (w pgxWorker) work(ctx context.Context, conns int) error {
 	held := make([]*pgxpool.Conn, 0, conns)
 	defer func() {
 		for _, c := range held {
@@ -165,7 +187,7 @@ func work(ctx context.Context, p workerPool, conns int) error {
 		}
 	}()
 	for range conns {
-		c, err := p.Acquire(ctx)
+		c, err := w.acquirer.Acquire(ctx)
 		if err != nil {
 			return err
 		}
@@ -179,13 +201,21 @@ func work(ctx context.Context, p workerPool, conns int) error {
 }
 
 func plainPool(ctx context.Context, cfg *pgxpool.Config, _ int) (workerPool, error) {
-	return pgxpool.NewWithConfig(ctx, cfg)
+	p, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return pgxWorker{p}, nil
 }
 
 // staggeredPool builds worker i's pgstagger pool with the options opts(i)
 // gives.
 func staggeredPool(opts func(i int) []pool.Option) func(context.Context, *pgxpool.Config, int) (workerPool, error) {
 	return func(ctx context.Context, cfg *pgxpool.Config, i int) (workerPool, error) {
-		return pool.NewWithConfig(ctx, cfg, opts(i)...)
+		p, err := pool.NewWithConfig(ctx, cfg, opts(i)...)
+		if err != nil {
+			return nil, err
+		}
+		return pgxWorker{p}, nil
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/pgstagger/pgstagger/dialer"
 	"github.com/pgstagger/pgstagger/internal/testdb"
 	"github.com/pgstagger/pgstagger/pool"
 )
@@ -51,6 +52,7 @@ type options struct {
 	model     string // the simulated postmaster's model, from -calibrate ('' built in)
 	capacity  string // overrides the model's capacity
 	calibrate string // measure the server, write the model here, and stop
+	client    string // with simulate: pgx, or lite (see lite.go)
 
 	srv *server
 }
@@ -74,6 +76,7 @@ func run() error {
 	flag.BoolVar(&o.simulate, "simulate", false, "run against a simulated postmaster on simulated time (see -model, -capacity)")
 	flag.StringVar(&o.model, "model", "", "with -simulate: the postmaster's model, a file written by -calibrate (empty: a 2-core development machine's)")
 	flag.StringVar(&o.capacity, "capacity", "", "with -simulate: connects per second at saturation, the model's curve scaled to it (1400), or backends:rate points (0:1400,1500:900); the model's CPU costs scale alike")
+	flag.StringVar(&o.client, "client", "pgx", "with -simulate: the fleet's client, pgx (pgx and pgxpool, as against a real server) or lite (pgstagger's gate and server facts reads driven by a minimal protocol client, pgxpool's behaviour for one connection; for fleets of 100,000)")
 	flag.StringVar(&o.calibrate, "calibrate", "", "measure the server (-url or the throwaway cluster) for -simulate, write its model to this file, and stop")
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) {
@@ -96,10 +99,16 @@ func run() error {
 		if o.url != "" || o.calibrate != "" {
 			return fmt.Errorf("-simulate runs against the simulated postmaster: not with -url or -calibrate")
 		}
+		switch {
+		case o.client != "pgx" && o.client != "lite":
+			return fmt.Errorf("-client %q: want pgx or lite", o.client)
+		case o.client == "lite" && o.conns != 1:
+			return fmt.Errorf("-client lite: workers of one connection only (-scenario start or restart, -conns 1), not %d", o.conns)
+		}
 		return simulate(o)
 	}
-	if o.model != "" || o.capacity != "" {
-		return fmt.Errorf("-model and -capacity describe the simulated postmaster: use them with -simulate")
+	if o.model != "" || o.capacity != "" || o.client != "pgx" {
+		return fmt.Errorf("-model, -capacity and -client describe the simulation: use them with -simulate")
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
@@ -263,6 +272,13 @@ func allRuns(o options) ([]runConfig, error) {
 		{name: "configured", budgeted: true, newPool: staggeredPool(func(i int) []pool.Option {
 			return []pool.Option{pool.WithFleet(o.fleet, o.budget), pool.WithFleetMember(i)}
 		})},
+	}
+	if o.client == "lite" {
+		all[0].newPool = litePlainPool
+		all[1].newPool = liteStaggeredPool(func(int) []dialer.Option { return nil })
+		all[2].newPool = liteStaggeredPool(func(i int) []dialer.Option {
+			return []dialer.Option{dialer.WithFleet(o.fleet, o.budget), dialer.WithFleetMember(i)}
+		})
 	}
 	var runs []runConfig
 	for _, name := range strings.Split(o.runs, ",") {

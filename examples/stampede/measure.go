@@ -14,7 +14,7 @@ func measureIdle(ctx context.Context, srv *server, n int) (time.Duration, error)
 	var lat []time.Duration
 	for range n {
 		start := time.Now()
-		c, err := srv.connect(ctx)
+		c, err := srv.open(ctx)
 		if err != nil {
 			return 0, fmt.Errorf("idle connect: %w", err)
 		}
@@ -38,7 +38,7 @@ func measureCapacity(ctx context.Context, srv *server, workers int, d time.Durat
 	for range workers {
 		wg.Go(func() {
 			for ctx.Err() == nil {
-				c, err := srv.connect(ctx)
+				c, err := srv.open(ctx)
 				if err != nil {
 					if ctx.Err() == nil {
 						once.Do(func() { firstErr = err })
@@ -64,7 +64,7 @@ func waitQuiet(ctx context.Context, srv *server, idle time.Duration) error {
 	defer cancel()
 	for quiet := 0; quiet < 3; {
 		start := time.Now()
-		c, err := srv.connect(ctx)
+		c, err := srv.open(ctx)
 		if err != nil {
 			return fmt.Errorf("waiting for the server to settle: %w", err)
 		}
@@ -119,7 +119,7 @@ func (b *bystander) run(ctx context.Context) {
 			cctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 			defer cancel()
 			begin := time.Now()
-			c, err := b.srv.connect(cctx)
+			c, err := b.srv.open(cctx)
 			lat := time.Since(begin)
 			if err == nil {
 				_ = c.Close(context.Background())

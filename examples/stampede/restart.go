@@ -16,7 +16,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/pgstagger/pgstagger/pool"
+	"github.com/pgstagger/pgstagger/dialer"
 )
 
 // restartResult is what one fleet did through a server restart. Times are
@@ -46,14 +46,14 @@ type gateCounts struct {
 func countGates(pools []workerPool) *gateCounts {
 	var g *gateCounts
 	for _, p := range pools {
-		sp, ok := p.(*pool.Pool)
-		if !ok {
+		gp, ok := p.(interface{ Dialer() *dialer.Dialer })
+		if !ok || gp.Dialer() == nil {
 			continue
 		}
 		if g == nil {
 			g = &gateCounts{}
 		}
-		s := sp.Dialer().Stats()
+		s := gp.Dialer().Stats()
 		g.refunds += s.Refunds
 		g.cancelsSkipped += s.CancelsSkipped
 		g.cancelDials += s.CancelDials
@@ -85,6 +85,12 @@ func restartScenario(ctx context.Context, out io.Writer, o options, idle time.Du
 	if err != nil {
 		return err
 	}
+	// A restart in the fleet's steady state, not within a window of its
+	// start: by then every bucket has refilled.
+	settle := time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second))
+	// How long the demo waits for every worker to be back: three
+	// budgeted windows, a minute at least.
+	watch := max(time.Minute, 3*settle)
 	var results []restartResult
 	for i, rc := range runs {
 		if i > 0 {
@@ -93,9 +99,7 @@ func restartScenario(ctx context.Context, out io.Writer, o options, idle time.Du
 			}
 		}
 		rc.srv, rc.fleet, rc.conns, rc.every = o.srv, o.fleet, o.conns, o.every
-		// A restart in the fleet's steady state, not within a window of
-		// its start: by then every bucket has refilled.
-		rc.settle = time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second))
+		rc.settle, rc.watch = settle, watch
 		fmt.Fprintf(out, "%s: %d workers × %d connection(s) warm up, then the server restarts...\n", rc.name, o.fleet, o.conns)
 		res, err := runRestart(ctx, rc, &bystander{srv: o.srv, interval: o.bystander, timeout: 60 * time.Second}, progress)
 		if err != nil {
@@ -109,7 +113,7 @@ func restartScenario(ctx context.Context, out io.Writer, o options, idle time.Du
 	row("server accepting again after", func(r restartResult) string { return sec(r.up) })
 	row("all workers recovered after", func(r restartResult) string {
 		if r.recovered == 0 {
-			return "not within 60s"
+			return fmt.Sprintf("not within %.0fs", watch.Seconds())
 		}
 		return sec(r.recovered)
 	})
@@ -300,7 +304,7 @@ func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool
 			defer t.Stop()
 			for {
 				qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-				if work(qctx, p, cfg.conns) == nil {
+				if p.work(qctx, cfg.conns) == nil {
 					now := time.Now().UnixNano()
 					lastOK[i].Store(now)
 					if up := upNanos.Load(); up != 0 && now >= up {
@@ -352,7 +356,7 @@ func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool
 	upAt := time.Now()
 	upNanos.Store(upAt.UnixNano())
 	res := restartResult{runResult: runResult{name: cfg.name, budgeted: cfg.budgeted, fleet: cfg.fleet}, up: upAt.Sub(restartAt)}
-	deadline := upAt.Add(60 * time.Second)
+	deadline := upAt.Add(cfg.watch)
 	for time.Now().Before(deadline) {
 		if allSince(lastOK, upAt) {
 			latest := int64(0)

@@ -17,6 +17,35 @@ type server struct {
 	// restart restarts the server and returns once it accepts
 	// connections again; nil when the demo cannot (-url).
 	restart func() error
+	// lite: the bystander and the measurements connect with the lite
+	// client (-client lite), as the fleet does.
+	lite bool
+}
+
+// conn is a connection the bystander and the measurements open and
+// close.
+type conn interface{ Close(context.Context) error }
+
+// open opens a connection as the bystander and the measurements do: with
+// pgconn, or the lite client.
+func (s *server) open(ctx context.Context) (conn, error) {
+	if !s.lite {
+		c, err := s.connect(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	cfg, err := pgconn.ParseConfig(s.url)
+	if err != nil {
+		return nil, err
+	}
+	s.configure(cfg)
+	c, err := liteConnect(ctx, cfg, nil)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
 // configure points cfg at the server.

@@ -7,14 +7,21 @@ import (
 	"time"
 
 	"github.com/pgstagger/pgstagger/examples/internal/simpg"
-	"github.com/pgstagger/pgstagger/pool"
 )
 
 // The demo's own fleet, on simulated time against the simulated postmaster:
 // plain pgxpool's synchronized start queues the bystander behind the whole
 // fleet, a configured pgstagger fleet keeps it near idle, and both get
 // every worker in.
+// Both clients: pgx's, and the lite one (lite.go), which must run the
+// same gate.
 func TestSimulatedStartStampedesWithPgxpoolNotConfigured(t *testing.T) {
+	for _, client := range []string{"pgx", "lite"} {
+		t.Run(client, func(t *testing.T) { simulatedStart(t, client) })
+	}
+}
+
+func simulatedStart(t *testing.T, client string) {
 	synctest.Test(t, func(t *testing.T) {
 		const fleet = 300
 		m := simpg.Default
@@ -24,9 +31,13 @@ func TestSimulatedStartStampedesWithPgxpoolNotConfigured(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer srv.Close()
-		s := &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart}
+		s := &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart, lite: client == "lite"}
 		capacity := m.Capacity[0].PerSecond
 		budget := capacity / 2
+		runs, err := allRuns(options{runs: "pgxpool,configured", fleet: fleet, budget: budget, client: client})
+		if err != nil {
+			t.Fatal(err)
+		}
 		run := func(rc runConfig) runResult {
 			rc.srv, rc.fleet, rc.conns, rc.deadline = s, fleet, 1, time.Minute
 			res, err := runFleet(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, false)
@@ -38,10 +49,7 @@ func TestSimulatedStartStampedesWithPgxpoolNotConfigured(t *testing.T) {
 			}
 			return res
 		}
-		plain := run(runConfig{name: "pgxpool", newPool: plainPool})
-		configured := run(runConfig{name: "configured", newPool: staggeredPool(func(i int) []pool.Option {
-			return []pool.Option{pool.WithFleet(fleet, budget), pool.WithFleetMember(i)}
-		})})
+		plain, configured := run(runs[0]), run(runs[1])
 		idle := time.Duration(m.IdleConnect)
 		p99 := func(r runResult) time.Duration { return percentile(latencies(r.bystander), 99) }
 		// 300 connects at 307/s: the last bystander waits about a second.
@@ -55,4 +63,49 @@ func TestSimulatedStartStampedesWithPgxpoolNotConfigured(t *testing.T) {
 			t.Errorf("configured fleet ready after %v, want within its budgeted window %v", configured.allReady, want)
 		}
 	})
+}
+
+// A restart under the fleet's queries, both clients: a fleet with no
+// options sees every session the server ended (the lite client reports
+// the server's 57P01 to the gate as pgconn's OnPgError does), comes back
+// whole, and never dials more in a second than the server takes.
+func TestSimulatedRestartSpreadsTheReconnects(t *testing.T) {
+	for _, client := range []string{"pgx", "lite"} {
+		t.Run(client, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				const fleet = 300
+				m := simpg.Default
+				m.MaxConnections, m.Backlog = fleet+100, 2*(fleet+100)
+				srv, err := simpg.New(m)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer srv.Close()
+				s := &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart, lite: client == "lite"}
+				runs, err := allRuns(options{runs: "pgstagger", fleet: fleet, client: client})
+				if err != nil {
+					t.Fatal(err)
+				}
+				rc := runs[0]
+				rc.srv, rc.fleet, rc.conns, rc.every, rc.settle, rc.watch = s, fleet, 1, time.Second, time.Second, time.Minute
+				res, err := runRestart(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res.recovered == 0 {
+					t.Fatalf("%d of %d workers recovered", len(res.firstOKs), fleet)
+				}
+				if res.gate == nil {
+					t.Fatal("no gate counts")
+				}
+				if res.gate.lost != fleet {
+					t.Errorf("the gates saw %d sessions ended by the server, want %d", res.gate.lost, fleet)
+				}
+				capacity := m.Capacity[0].PerSecond
+				if peak := peakPerSecond(res.answered); float64(peak) > capacity {
+					t.Errorf("%d dials reached the server in one second, want at most its capacity %.0f/s", peak, capacity)
+				}
+			})
+		})
+	}
 }
