@@ -26,7 +26,9 @@
 //
 // Errors match [dialer.ErrShed], [ErrClosed] or [dialer.ErrInvalidOption],
 // or are a [*dialer.GaveUpError]; [dialer.Classify] sorts them, so callers
-// never need pgconn or puddle. The repository's README explains each
+// never need pgconn or puddle. A caller shed from a connection's wait gets
+// its error at once; the pool still makes the connection in the
+// background, as pgxpool makes one whose caller gave up. The repository's README explains each
 // protection, its measurements, the telemetry and the failure behaviour:
 // https://github.com/pgstagger/pgstagger.
 package pool

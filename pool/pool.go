@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"sync/atomic"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -34,6 +36,8 @@ type Pool struct {
 	life    *lifetimes          // nil without lifetime jitter
 	facts   *engine.FactsReader // nil with WithServerFacts(0)
 	metrics *poolMetrics
+
+	behind atomic.Bool // an acquire behind a shed one is under way (see fillBehind)
 }
 
 // New creates a pool from a connection string (pgxpool.ParseConfig syntax,
@@ -170,11 +174,45 @@ func (p *Pool) acquireSlow(ctx context.Context, err error) (c *pgxpool.Conn, _ e
 // retry continues with op after a first attempt failed with err.
 func (p *Pool) retry(ctx context.Context, err error, op func(context.Context) error) error {
 	err = p.g.RetryAfter(ctx, err, op)
-	if errors.Is(err, puddle.ErrClosedPool) && !errors.Is(err, ErrClosed) {
+	switch {
+	case errors.Is(err, puddle.ErrClosedPool) && !errors.Is(err, ErrClosed):
 		err = fmt.Errorf("%w: %w", ErrClosed, err)
+	case errors.Is(err, dialer.ErrShed):
+		p.fillBehind()
 	}
 	return err
 }
+
+// fillBehind makes, in the background, the connection a caller was shed
+// from, unless one is already being made so: the gate refused to make the
+// caller wait past its deadline, not the connection. pgxpool itself makes
+// a connection whose caller gave up, and puts it in the pool; without
+// this, a pool whose connections the server ended, and whose own refill
+// failed while it was down, makes no connection until a caller's
+// deadline can take its wait, and then at the moment of the call: a
+// fleet whose processes query on the same beat dials on that beat, in
+// bursts (a simulated restart of 10,000 workers querying every second:
+// the bystander's p99 in recovery 176ms with the bursts, 8ms without).
+// The connection waits for the gate like any other, and goes to the pool
+// idle.
+func (p *Pool) fillBehind() {
+	if !p.behind.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer p.behind.Store(false)
+		// As pgxpool's background connects, a minute at most: longer
+		// than any reconnect window (engine.MaxRecoveryWindow).
+		ctx, cancel := context.WithTimeout(context.Background(), fillBehindTimeout)
+		defer cancel()
+		if c, err := p.p.Acquire(ctx); err == nil {
+			c.Release()
+		}
+	}()
+}
+
+// fillBehindTimeout bounds fillBehind's acquire.
+const fillBehindTimeout = engine.MaxRecoveryWindow + 10*time.Second
 
 // AcquireFunc acquires a connection, calls f with it and releases it. ctx
 // only bounds the acquire.

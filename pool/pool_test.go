@@ -280,8 +280,46 @@ func TestStartupJitterBoundsAcquireByItsDeadline(t *testing.T) {
 	if at := time.Now(); at.Before(release) {
 		t.Errorf("acquired at +%v, before the release at +%v", at.Sub(start), window/2)
 	}
-	if s := p.Dialer().Stats(); s.Shed != 1 || s.JitterWait.Count != 1 {
-		t.Errorf("stats = %+v, want one shed and one jitter wait", s)
+	// Two jitter waits: the shed caller's connection was made too, in the
+	// background (see TestShedCallersConnectionIsMadeInTheBackground).
+	if s := p.Dialer().Stats(); s.Shed != 1 || s.JitterWait.Count != 2 {
+		t.Errorf("stats = %+v, want one shed and two jitter waits", s)
+	}
+}
+
+// The gate sheds a caller whose deadline its wait cannot fit, not the
+// connection: as pgxpool makes a connection whose caller gave up, the pool
+// makes it in the background, through the gate's wait, and keeps it idle.
+func TestShedCallersConnectionIsMadeInTheBackground(t *testing.T) {
+	const window = 2 * time.Second
+	cfg, err := pgxpool.ParseConfig(db(t).ConnString(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	made := make(chan time.Time, 4)
+	cfg.AfterConnect = func(context.Context, *pgx.Conn) error { made <- time.Now(); return nil }
+	start := time.Now()
+	p, err := NewWithConfig(context.Background(), cfg, WithStartupJitter(window),
+		WithDialerOptions(dialer.WithRand(func() float64 { return 0.5 })))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := p.Acquire(ctx); !errors.Is(err, dialer.ErrShed) {
+		t.Fatalf("acquire with a short deadline: %v, want shed", err)
+	}
+	select {
+	case at := <-made:
+		if at.Before(start.Add(window / 2)) {
+			t.Errorf("made at +%v, before the startup delay's end at +%v", at.Sub(start), window/2)
+		}
+	case <-time.After(3 * window):
+		t.Fatal("no connection made after the shed acquire")
+	}
+	if s := p.Dialer().Stats(); s.Shed != 1 || s.OK != 1 {
+		t.Errorf("stats = %+v, want one shed and one connection", s)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -40,7 +41,8 @@ import (
 // acquirer that gives up; a ping before handing out a connection idle for
 // over a second, counted from the start of its creation, then from its
 // last release; a destroy after a failed ping, which triggers no health
-// check; and pgstagger's Pool's retry around Acquire.
+// check; and pgstagger's Pool's retry around Acquire, with the connection
+// of a caller the gate shed made in the background.
 
 // liteConn is one connection made without pgconn.
 type liteConn struct {
@@ -241,6 +243,8 @@ type litePool struct {
 	changed  chan struct{} // guarded by mu: closed and replaced when any of the above changes
 	refill   *time.Timer   // guarded by mu: triggers the health check after a destroy
 	closed   bool          // guarded by mu
+
+	behind atomic.Bool // an acquire behind a shed one is under way
 
 	check chan struct{} // the health check's trigger, as pgxpool's healthCheckChan
 	done  chan struct{} // closed by Close
@@ -502,6 +506,18 @@ func (p *litePool) work(ctx context.Context, conns int) error {
 				c, err = p.acquire(ctx)
 				return err
 			})
+		}
+		if errors.Is(err, engine.ErrShed) && p.behind.CompareAndSwap(false, true) {
+			// As pgstagger's Pool: the shed caller's connection is
+			// made in the background (Pool.fillBehind).
+			go func() {
+				defer p.behind.Store(false)
+				ctx, cancel := context.WithTimeout(context.Background(), engine.MaxRecoveryWindow+10*time.Second)
+				defer cancel()
+				if c, err := p.acquire(ctx); err == nil {
+					p.release(c)
+				}
+			}()
 		}
 	}
 	if err != nil {
