@@ -352,7 +352,10 @@ func (p *litePool) create(ctx context.Context, take bool) (*liteConn, error) {
 		c.close()
 	}
 	p.signal()
-	return c, err
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
 // signal wakes the acquirers waiting for a change; p.mu is held.
@@ -367,15 +370,19 @@ func (p *litePool) signal() {
 func (p *litePool) acquire(ctx context.Context) (*liteConn, error) {
 	for range 2 {
 		c, err := p.take(ctx)
-		if err != nil || c != nil && p.usable(ctx, c) {
+		if err != nil || p.usable(ctx, c) {
 			return c, err
 		}
 		// pgxpool destroys a connection whose ping failed without
 		// the refill a release's destroy brings.
 		p.destroy(c, false)
 	}
-	return p.take(ctx)
+	return nil, errTooManyAttempts
 }
+
+// errTooManyAttempts is pgxpool's error after MaxConns + 1 connections
+// failed their ping in one Acquire.
+var errTooManyAttempts = errors.New("pgxpool: too many failed attempts acquiring connection")
 
 // take takes the idle connection, or makes one, or waits.
 func (p *litePool) take(ctx context.Context) (*liteConn, error) {

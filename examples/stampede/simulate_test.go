@@ -21,17 +21,24 @@ func TestSimulatedStartStampedesWithPgxpoolNotConfigured(t *testing.T) {
 	}
 }
 
+// simulatedServer starts the built-in simulated postmaster, with room for
+// fleet, inside the test's bubble, and returns it as the demo's server for
+// client's connections.
+func simulatedServer(t *testing.T, fleet int, client string) (*server, simpg.Model) {
+	m := simpg.Default
+	m.MaxConnections, m.Backlog = fleet+100, 2*(fleet+100)
+	srv, err := simpg.New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	return &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart, lite: client == "lite"}, m
+}
+
 func simulatedStart(t *testing.T, client string) {
 	synctest.Test(t, func(t *testing.T) {
 		const fleet = 300
-		m := simpg.Default
-		m.MaxConnections, m.Backlog = fleet+100, 2*(fleet+100)
-		srv, err := simpg.New(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer srv.Close()
-		s := &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart, lite: client == "lite"}
+		s, m := simulatedServer(t, fleet, client)
 		capacity := m.Capacity[0].PerSecond
 		budget := capacity / 2
 		runs, err := allRuns(options{runs: "pgxpool,configured", fleet: fleet, budget: budget, client: client})
@@ -74,14 +81,7 @@ func TestSimulatedRestartSpreadsTheReconnects(t *testing.T) {
 		t.Run(client, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				const fleet = 300
-				m := simpg.Default
-				m.MaxConnections, m.Backlog = fleet+100, 2*(fleet+100)
-				srv, err := simpg.New(m)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer srv.Close()
-				s := &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart, lite: client == "lite"}
+				s, m := simulatedServer(t, fleet, client)
 				runs, err := allRuns(options{runs: "pgstagger", fleet: fleet, client: client})
 				if err != nil {
 					t.Fatal(err)
