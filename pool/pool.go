@@ -192,7 +192,7 @@ func (p *Pool) retry(ctx context.Context, err error, op func(context.Context) er
 // deadline can take its wait, and then at the moment of the call: a
 // fleet whose processes query on the same beat dials on that beat, in
 // bursts (a simulated restart of 10,000 workers querying every second:
-// the bystander's p99 in recovery 176ms with the bursts, 8ms without).
+// the bystander's p99 in recovery 151-166ms with the bursts, 8ms without).
 // The connection waits for the gate like any other, and goes to the pool
 // idle.
 func (p *Pool) fillBehind() {
