@@ -57,6 +57,9 @@ type runConfig struct {
 	settle time.Duration
 	// every is a restart run's interval between each worker's queries.
 	every time.Duration
+	// spread is how long a restart run's warm-up takes to start every
+	// worker, evenly (0: all at once).
+	spread time.Duration
 	// watch is how long after the server is up a restart run waits for
 	// every worker to be back.
 	watch time.Duration

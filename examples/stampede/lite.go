@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -16,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstagger/pgstagger/dialer"
+	"github.com/pgstagger/pgstagger/examples/internal/simpg"
 	"github.com/pgstagger/pgstagger/internal/engine"
 	"github.com/pgstagger/pgstagger/jitter"
 	"github.com/pgstagger/pgstagger/pool"
@@ -52,6 +54,9 @@ type liteConn struct {
 	g        *engine.Gate // nil without a gate
 	admitted time.Time    // when the gate admitted its establishment
 	closed   bool
+	// direct runs a query on the simulated server without the wire
+	// protocol (nil: through it); see query.
+	direct queryFunc
 	// lastUsed is puddle's: when the pool began creating the connection,
 	// then when it was last released. Its pool pings it if over a second
 	// old when acquired: a connection that waited for its reconnect place
@@ -157,12 +162,24 @@ func timeoutError(ctx context.Context, err error) error {
 	return err
 }
 
-// query runs sql with the simple protocol and returns its first row. A
-// FATAL error or a broken connection closes c, as pgconn does, and so does
-// a query its context ended.
-func (c *liteConn) query(ctx context.Context, sql string) (row [][]byte, err error) {
+// query runs sql with the simple protocol and returns its first row, of
+// integers. A FATAL error or a broken connection closes c, as pgconn does,
+// and so does a query its context ended. With direct, the simulated
+// server answers without the protocol, in the same simulated time, unless
+// the session ended: then c reads why (57P01) from its connection.
+func (c *liteConn) query(ctx context.Context, sql string) ([]int, error) {
 	if c.closed {
 		return nil, net.ErrClosed
+	}
+	if c.direct != nil {
+		vals, err := c.direct(ctx, int(c.pid), sql)
+		if !errors.Is(err, simpg.ErrNoSession) {
+			if err != nil {
+				c.close()
+				return nil, timeoutError(ctx, os.ErrDeadlineExceeded)
+			}
+			return vals, nil
+		}
 	}
 	defer c.watch(ctx)()
 	c.fe.Send(&pgproto3.Query{String: sql})
@@ -170,7 +187,10 @@ func (c *liteConn) query(ctx context.Context, sql string) (row [][]byte, err err
 		c.close()
 		return nil, timeoutError(ctx, err)
 	}
-	var qerr error
+	var (
+		row  [][]byte
+		qerr error
+	)
 	for {
 		msg, err := c.fe.Receive()
 		if err != nil {
@@ -195,24 +215,19 @@ func (c *liteConn) query(ctx context.Context, sql string) (row [][]byte, err err
 			}
 			qerr = pe
 		case *pgproto3.ReadyForQuery:
-			return row, qerr
+			if qerr != nil {
+				return nil, qerr
+			}
+			vals := make([]int, len(row))
+			for i, v := range row {
+				var err error
+				if vals[i], err = strconv.Atoi(string(v)); err != nil {
+					return nil, engine.ErrFactsReply
+				}
+			}
+			return vals, nil
 		}
 	}
-}
-
-// ints is query for a row of integers: the facts reader's query.
-func (c *liteConn) ints(ctx context.Context, sql string) ([]int, error) {
-	row, err := c.query(ctx, sql)
-	if err != nil {
-		return nil, err
-	}
-	vals := make([]int, len(row))
-	for i, v := range row {
-		if vals[i], err = strconv.Atoi(string(v)); err != nil {
-			return nil, engine.ErrFactsReply
-		}
-	}
-	return vals, nil
 }
 
 func (c *liteConn) close() {
@@ -232,6 +247,7 @@ func (c *liteConn) Close(context.Context) error {
 // MaxConns = MinConns = 1 over liteConns; with a Dialer (d), pgstagger's.
 type litePool struct {
 	cfg   *pgconn.Config      // the gate's hooks installed when d is not nil
+	query queryFunc           // the server's queries without the protocol (nil: none)
 	d     *dialer.Dialer      // nil: plain pgxpool
 	g     *engine.Gate        // d's engine
 	facts *engine.FactsReader // d's server facts reader
@@ -257,28 +273,31 @@ const (
 	healthCheckDelay  = 500 * time.Millisecond
 )
 
-// litePlainPool is plainPool for the lite client.
-func litePlainPool(ctx context.Context, cfg *pgxpool.Config, _ int) (workerPool, error) {
-	return newLitePool(ctx, cfg, nil)
+// litePlainPool is plainPool for the lite client, its queries run with
+// query when not nil.
+func litePlainPool(query queryFunc) func(context.Context, *pgxpool.Config, int) (workerPool, error) {
+	return func(ctx context.Context, cfg *pgxpool.Config, _ int) (workerPool, error) {
+		return newLitePool(ctx, cfg, nil, query)
+	}
 }
 
 // liteStaggeredPool is staggeredPool for the lite client: worker i's pool
 // gated by a Dialer with the options opts(i) gives.
-func liteStaggeredPool(opts func(i int) []dialer.Option) func(context.Context, *pgxpool.Config, int) (workerPool, error) {
+func liteStaggeredPool(query queryFunc, opts func(i int) []dialer.Option) func(context.Context, *pgxpool.Config, int) (workerPool, error) {
 	return func(ctx context.Context, cfg *pgxpool.Config, i int) (workerPool, error) {
 		d, err := dialer.New(opts(i)...)
 		if err != nil {
 			return nil, err
 		}
-		return newLitePool(ctx, cfg, d)
+		return newLitePool(ctx, cfg, d, query)
 	}
 }
 
-func newLitePool(ctx context.Context, cfg *pgxpool.Config, d *dialer.Dialer) (*litePool, error) {
+func newLitePool(ctx context.Context, cfg *pgxpool.Config, d *dialer.Dialer, query queryFunc) (*litePool, error) {
 	if cfg.MaxConns != 1 || cfg.MinConns != 1 {
 		return nil, fmt.Errorf("-client lite: workers of one connection only (-conns 1), not %d", cfg.MaxConns)
 	}
-	p := &litePool{d: d, changed: make(chan struct{}), check: make(chan struct{}, 1), done: make(chan struct{})}
+	p := &litePool{d: d, query: query, changed: make(chan struct{}), check: make(chan struct{}, 1), done: make(chan struct{})}
 	if d != nil {
 		if err := d.InstallPool(cfg); err != nil {
 			return nil, err
@@ -336,10 +355,10 @@ func (p *litePool) create(ctx context.Context, take bool) (*liteConn, error) {
 	start := time.Now()
 	c, err := liteConnect(ctx, p.cfg, p.g)
 	if err == nil {
-		c.lastUsed = start
+		c.lastUsed, c.direct = start, p.query
 	}
 	if err == nil && p.facts != nil && p.facts.Due() {
-		if ferr := p.facts.Read(c.ints); ferr != nil && c.closed {
+		if ferr := p.facts.Read(c.query); ferr != nil && c.closed {
 			err = &engine.SetupError{Err: fmt.Errorf("the connection failed during the server facts read: %w", ferr)}
 		}
 	}
@@ -446,7 +465,7 @@ func (p *litePool) take(ctx context.Context) (*liteConn, error) {
 func (p *litePool) usable(ctx context.Context, c *liteConn) bool {
 	idle := time.Since(c.lastUsed) // pgxpool's ShouldPingParams, taken first
 	if p.facts != nil && p.facts.Due() {
-		if p.facts.Read(c.ints); c.closed {
+		if p.facts.Read(c.query); c.closed {
 			return false
 		}
 	}

@@ -47,6 +47,7 @@ type options struct {
 	chart     string
 	bystander time.Duration // interval between the bystander's connects
 	every     time.Duration // restart: each worker's interval between queries
+	warmUp    string        // restart: together, or spread over the budgeted window
 
 	simulate  bool   // against the simulated postmaster, on simulated time
 	model     string // the simulated postmaster's model, from -calibrate ('' built in)
@@ -73,6 +74,7 @@ func run() error {
 	flag.Float64Var(&o.budget, "budget", 0, "new connections per second the server should absorb from the whole fleet (0: half the measured capacity)")
 	flag.StringVar(&o.chart, "chart", "stampede.svg", "SVG chart of the bystander's connect latency ('' for none)")
 	flag.DurationVar(&o.every, "query-every", 100*time.Millisecond, "restart: each worker's interval between queries")
+	flag.StringVar(&o.warmUp, "warm-up", "together", "restart: how the fleet starts before the restart, together (at once, as in -scenario start) or spread (worker i at i × the budgeted window ÷ fleet, a fleet that grew at its budget: for fleets that could not start together, such as 100,000 workers simulated)")
 	flag.BoolVar(&o.simulate, "simulate", false, "run against a simulated postmaster on simulated time (see -model, -capacity)")
 	flag.StringVar(&o.model, "model", "", "with -simulate: the postmaster's model, a file written by -calibrate (empty: a 2-core development machine's)")
 	flag.StringVar(&o.capacity, "capacity", "", "with -simulate: connects per second at saturation, the model's curve scaled to it (1400), or backends:rate points (0:1400,1500:900); the model's CPU costs scale alike")
@@ -94,6 +96,9 @@ func run() error {
 	}
 	if o.fleet < 1 || o.conns < 1 || o.deadline <= 0 || o.budget < 0 || o.every <= 0 {
 		return fmt.Errorf("-fleet and -conns must be at least 1, -deadline and -query-every positive and -budget not negative")
+	}
+	if o.warmUp != "together" && o.warmUp != "spread" {
+		return fmt.Errorf("-warm-up %q: want together or spread", o.warmUp)
 	}
 	if o.simulate {
 		if o.url != "" || o.calibrate != "" {
@@ -274,9 +279,13 @@ func allRuns(o options) ([]runConfig, error) {
 		})},
 	}
 	if o.client == "lite" {
-		all[0].newPool = litePlainPool
-		all[1].newPool = liteStaggeredPool(func(int) []dialer.Option { return nil })
-		all[2].newPool = liteStaggeredPool(func(i int) []dialer.Option {
+		var query queryFunc
+		if o.srv != nil {
+			query = o.srv.query
+		}
+		all[0].newPool = litePlainPool(query)
+		all[1].newPool = liteStaggeredPool(query, func(int) []dialer.Option { return nil })
+		all[2].newPool = liteStaggeredPool(query, func(i int) []dialer.Option {
 			return []dialer.Option{dialer.WithFleet(o.fleet, o.budget), dialer.WithFleetMember(i)}
 		})
 	}

@@ -100,7 +100,14 @@ func restartScenario(ctx context.Context, out io.Writer, o options, idle time.Du
 		}
 		rc.srv, rc.fleet, rc.conns, rc.every = o.srv, o.fleet, o.conns, o.every
 		rc.settle, rc.watch = settle, watch
-		fmt.Fprintf(out, "%s: %d workers × %d connection(s) warm up, then the server restarts...\n", rc.name, o.fleet, o.conns)
+		if o.warmUp == "spread" {
+			rc.spread = settle
+		}
+		warm := "warm up"
+		if rc.spread > 0 {
+			warm = fmt.Sprintf("start over %s", sec(rc.spread))
+		}
+		fmt.Fprintf(out, "%s: %d workers × %d connection(s) %s, then the server restarts...\n", rc.name, o.fleet, o.conns, warm)
 		res, err := runRestart(ctx, rc, &bystander{srv: o.srv, interval: o.bystander, timeout: 60 * time.Second}, progress)
 		if err != nil {
 			return err
@@ -293,7 +300,24 @@ func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	pools := make([]workerPool, cfg.fleet)
+	defer func() {
+		close(stop)
+		wg.Wait()
+		for _, p := range pools {
+			if p != nil {
+				p.Close()
+			}
+		}
+	}()
+	// Warm-up, not measured: start the workers, at once or spread, wait
+	// until every worker has succeeded, then for the fleet to settle.
+	warmStart := time.Now()
 	for i := range cfg.fleet {
+		if at := warmStart.Add(cfg.spread * time.Duration(i) / time.Duration(cfg.fleet)); time.Until(at) > 0 {
+			if err := sleepCtx(ctx, time.Until(at)); err != nil {
+				return restartResult{}, err
+			}
+		}
 		p, err := cfg.newPool(ctx, base.Copy(), i)
 		if err != nil {
 			return restartResult{}, err
@@ -320,16 +344,16 @@ func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool
 			}
 		})
 	}
-	defer func() {
-		close(stop)
-		wg.Wait()
-		for _, p := range pools {
-			p.Close()
-		}
-	}()
-	// Warm-up, not measured: wait until every worker has succeeded, then
-	// for the fleet to settle.
 	for !allSince(lastOK, time.Time{}) {
+		if progress {
+			n := 0
+			for i := range lastOK {
+				if lastOK[i].Load() != 0 {
+					n++
+				}
+			}
+			fmt.Fprintf(os.Stderr, "\r%-10s %5.1fs warming up  ready %5d/%d ", cfg.name, time.Since(warmStart).Seconds(), n, cfg.fleet)
+		}
 		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
 			return restartResult{}, err
 		}

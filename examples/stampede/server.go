@@ -20,7 +20,13 @@ type server struct {
 	// lite: the bystander and the measurements connect with the lite
 	// client (-client lite), as the fleet does.
 	lite bool
+	// query runs the lite client's queries on the simulated server
+	// without the wire protocol (simpg.Server.Query); nil: through it.
+	query queryFunc
 }
+
+// queryFunc runs sql on the session of backend pid and returns its one row.
+type queryFunc func(ctx context.Context, pid int, sql string) ([]int, error)
 
 // conn is a connection the bystander and the measurements open and
 // close.

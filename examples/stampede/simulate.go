@@ -53,7 +53,10 @@ func simulate(o options) error {
 					exit(err)
 				}
 				fmt.Fprintf(out, "simulated postmaster (%s): %s\n", source, describe(m))
-				o.srv = &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart, lite: o.client == "lite"}
+				o.srv = &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart}
+				if o.client == "lite" {
+					o.srv.lite, o.srv.query = true, srv.Query
+				}
 				simStart := time.Now()
 				err = demo(context.Background(), out, o)
 				fmt.Fprintf(out, "\nsimulated %.0fs in %.0fs\n", time.Since(simStart).Seconds(), wallClock().Sub(wallStart).Seconds())

@@ -6,6 +6,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/pgstagger/pgstagger/examples/internal/simpg"
 )
 
@@ -32,7 +34,11 @@ func simulatedServer(t *testing.T, fleet int, client string) (*server, simpg.Mod
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Close)
-	return &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart, lite: client == "lite"}, m
+	s := &server{url: srv.ConnString(), dial: srv.Dial, lookup: srv.Lookup, restart: srv.Restart}
+	if client == "lite" {
+		s.lite, s.query = true, srv.Query
+	}
+	return s, m
 }
 
 func simulatedStart(t *testing.T, client string) {
@@ -41,7 +47,7 @@ func simulatedStart(t *testing.T, client string) {
 		s, m := simulatedServer(t, fleet, client)
 		capacity := m.Capacity[0].PerSecond
 		budget := capacity / 2
-		runs, err := allRuns(options{runs: "pgxpool,configured", fleet: fleet, budget: budget, client: client})
+		runs, err := allRuns(options{runs: "pgxpool,configured", fleet: fleet, budget: budget, client: client, srv: s})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -82,7 +88,7 @@ func TestSimulatedRestartSpreadsTheReconnects(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				const fleet = 300
 				s, m := simulatedServer(t, fleet, client)
-				runs, err := allRuns(options{runs: "pgstagger", fleet: fleet, client: client})
+				runs, err := allRuns(options{runs: "pgstagger", fleet: fleet, client: client, srv: s})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -108,4 +114,39 @@ func TestSimulatedRestartSpreadsTheReconnects(t *testing.T) {
 			})
 		})
 	}
+}
+
+// A spread warm-up starts worker i's pool at i × spread ÷ fleet, and the
+// restart still finds the whole fleet.
+func TestSpreadWarmUpStartsWorkersEvenly(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const fleet = 30
+		s, _ := simulatedServer(t, fleet, "lite")
+		runs, err := allRuns(options{runs: "pgxpool", fleet: fleet, client: "lite", srv: s})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc := runs[0]
+		rc.srv, rc.fleet, rc.conns, rc.every, rc.settle, rc.watch = s, fleet, 1, time.Second, time.Second, time.Minute
+		rc.spread = 3 * time.Second
+		begin := time.Now()
+		started := make([]time.Duration, fleet)
+		newPool := rc.newPool
+		rc.newPool = func(ctx context.Context, cfg *pgxpool.Config, i int) (workerPool, error) {
+			started[i] = time.Since(begin)
+			return newPool(ctx, cfg, i)
+		}
+		res, err := runRestart(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, at := range started {
+			if want := time.Duration(i) * 100 * time.Millisecond; at != want {
+				t.Errorf("worker %d started at %v, want %v", i, at, want)
+			}
+		}
+		if res.recovered == 0 {
+			t.Errorf("%d of %d workers recovered", len(res.firstOKs), fleet)
+		}
+	})
 }

@@ -1,8 +1,8 @@
 // Package simpg is a simulated PostgreSQL server for the stampede demo's
 // -simulate mode. Its postmaster forks one backend at a time from a listen
 // queue, each fork taking longer the more backends it holds; a full queue
-// drops the SYN, and the client's kernel retransmits it after 1s, 2s, 4s.
-// Its backends answer a client's startup message at once, refusing it past
+// drops the SYN, and the client's kernel retransmits it after 1s, 2s, 4s,
+// ..., and gives up after six, as Linux's does. Its backends answer a client's startup message at once, refusing it past
 // max_connections (53300) or while the server starts (57P03) or else asking
 // for its authentication, then start up beside the queue, speak enough
 // of the wire protocol for pgx (the simple query protocol), and answer
@@ -24,6 +24,7 @@ package simpg
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -45,17 +46,17 @@ type Server struct {
 	addr net.Addr
 
 	mu       sync.Mutex
-	wake     sync.Cond             // the postmaster waits on it for a connection
-	queue    []*pending            // guarded by mu: accepted, waiting for the postmaster
-	state    state                 // guarded by mu
-	gen      int                   // guarded by mu: restarts so far
-	backends map[*pending]struct{} // guarded by mu: client backends
-	starts   map[int64]int         // guarded by mu: client backends by the tenth of a second they started
-	pids     int                   // guarded by mu: backends forked, for their pids
-	cpu      [10]time.Duration     // guarded by mu: the queries' CPU in each tenth of the last second
-	cpuSlot  int64                 // guarded by mu: the tenth of a second cpu's newest slot is
-	closed   bool                  // guarded by mu
-	done     chan struct{}         // closed when the postmaster has stopped
+	wake     sync.Cond         // the postmaster waits on it for a connection
+	queue    []*pending        // guarded by mu: accepted, waiting for the postmaster
+	state    state             // guarded by mu
+	gen      int               // guarded by mu: restarts so far
+	backends map[int]*pending  // guarded by mu: client backends by process ID
+	starts   map[int64]int     // guarded by mu: client backends by the tenth of a second they started
+	pids     int               // guarded by mu: backends forked, for their pids
+	cpu      [10]time.Duration // guarded by mu: the queries' CPU in each tenth of the last second
+	cpuSlot  int64             // guarded by mu: the tenth of a second cpu's newest slot is
+	closed   bool              // guarded by mu
+	done     chan struct{}     // closed when the postmaster has stopped
 }
 
 type state int
@@ -71,6 +72,7 @@ const (
 type pending struct {
 	conn    *end
 	gen     int   // the server's life it belongs to
+	pid     int   // as a backend: its process ID
 	started int64 // as a backend: the tenth of a second it started (guarded by the server's mu)
 }
 
@@ -82,7 +84,7 @@ func New(m Model) (*Server, error) {
 	s := &Server{
 		m:        m,
 		addr:     &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5432},
-		backends: map[*pending]struct{}{},
+		backends: map[int]*pending{},
 		starts:   map[int64]int{},
 		done:     make(chan struct{}),
 	}
@@ -106,12 +108,18 @@ func (s *Server) Lookup(context.Context, string) ([]string, error) {
 	return []string{s.addr.(*net.TCPAddr).IP.String()}, nil
 }
 
+// synRetries is Linux's net.ipv4.tcp_syn_retries, 6 by default: a SYN
+// the server drops is sent again after 1s, 2s, 4s, ... six times, and the
+// connect fails with ETIMEDOUT 127s after it began.
+const synRetries = 6
+
 // Dial connects to the server: refused while it is down; otherwise the
 // connection waits in the listen queue for the postmaster. A full queue
-// drops the SYN, and the dial waits for the kernel's retransmissions.
+// drops the SYN, and the dial waits for the kernel's retransmissions, then
+// times out as Linux's does (synRetries).
 func (s *Server) Dial(ctx context.Context, network, _ string) (net.Conn, error) {
 	rto := time.Second
-	for {
+	for sent := 0; ; sent++ {
 		s.mu.Lock()
 		switch {
 		case s.closed || s.state == down:
@@ -131,6 +139,9 @@ func (s *Server) Dial(ctx context.Context, network, _ string) (net.Conn, error) 
 			t.Stop()
 			return nil, &net.OpError{Op: "dial", Net: network, Addr: s.addr, Err: ctx.Err()}
 		case <-t.C:
+		}
+		if sent == synRetries {
+			return nil, &net.OpError{Op: "dial", Net: network, Addr: s.addr, Err: os.NewSyscallError("connect", syscall.ETIMEDOUT)}
 		}
 		rto *= 2
 	}
@@ -205,9 +216,9 @@ func (s *Server) backend(p *pending, pid int) {
 	case len(s.backends) >= s.m.MaxConnections:
 		fatal = &pgproto3.ErrorResponse{Severity: "FATAL", Code: "53300", Message: "sorry, too many clients already"}
 	default:
-		s.backends[p] = struct{}{}
+		p.pid, p.started = pid, started
+		s.backends[pid] = p
 		s.starts[started]++
-		p.started = started
 	}
 	s.mu.Unlock()
 	if fatal != nil {
@@ -216,7 +227,7 @@ func (s *Server) backend(p *pending, pid int) {
 		_ = p.conn.Close()
 		return
 	}
-	defer s.exit(p, started)
+	defer s.exit(p)
 
 	be.Send(&pgproto3.AuthenticationOk{})
 	if be.Flush() != nil {
@@ -242,8 +253,14 @@ func (s *Server) backend(p *pending, pid int) {
 		}
 		switch msg := msg.(type) {
 		case *pgproto3.Query:
-			time.Sleep(s.run(msg.String))
-			s.answer(be, msg.String)
+			s.mu.Lock()
+			took := s.run(msg.String)
+			s.mu.Unlock()
+			time.Sleep(took)
+			s.mu.Lock()
+			vals := s.values(msg.String)
+			s.mu.Unlock()
+			answer(be, vals)
 		case *pgproto3.Sync:
 			failed = false
 			be.Send(&pgproto3.ReadyForQuery{TxStatus: 'I'})
@@ -262,10 +279,46 @@ func (s *Server) backend(p *pending, pid int) {
 	}
 }
 
-// run accounts for a query's CPU and returns how long it takes.
-func (s *Server) run(sql string) time.Duration {
+// ErrNoSession is Query's error when the backend has no session: it
+// ended, and if a restart ended it, its 57P01 waits on its connection for
+// its client to read.
+var ErrNoSession = errors.New("simpg: no session with that process ID")
+
+// Query runs sql on backend pid's session and returns its reply's one
+// row, as the backend does for a simple query on the session's
+// connection, taking the same time and CPU: for a client that does
+// without the wire protocol for its queries (the stampede demo's lite
+// client, whose 100,000 workers' queries would otherwise cost their
+// goroutine switches and the protocol's encoding twice over). Its errors
+// are ErrNoSession, with the connection to read instead, and ctx's, with the
+// query abandoned: its client closes the connection, as pgconn does.
+func (s *Server) Query(ctx context.Context, pid int, sql string) ([]int, error) {
+	s.mu.Lock()
+	p, ok := s.backends[pid]
+	if !ok {
+		s.mu.Unlock()
+		return nil, ErrNoSession
+	}
+	took := s.run(sql)
+	s.mu.Unlock()
+	t := time.NewTimer(took)
+	select {
+	case <-ctx.Done():
+		t.Stop()
+		return nil, ctx.Err()
+	case <-t.C:
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.backends[pid] != p {
+		return nil, ErrNoSession // ended while it ran
+	}
+	return s.values(sql), nil
+}
+
+// run accounts for a query's CPU and returns how long it takes; s.mu is
+// held.
+func (s *Server) run(sql string) time.Duration {
 	var extra time.Duration
 	switch sql {
 	case engine.FactsQuery:
@@ -353,28 +406,26 @@ func poisson(u float64) int {
 	return k
 }
 
-// answer sends the reply to a simple query: pgstagger's facts from the
-// server's state, 1 to anything else.
-func (s *Server) answer(be *pgproto3.Backend, sql string) {
-	var vals []int
+// values is the one row a simple query returns: pgstagger's facts from the
+// server's state, 1 to anything else; s.mu is held.
+func (s *Server) values(sql string) []int {
 	switch sql {
 	case engine.FactsQuery:
-		s.mu.Lock()
-		vals = []int{len(s.backends)}
-		s.mu.Unlock()
+		return []int{len(s.backends)}
 	case engine.FactsHistoryQuery:
-		s.mu.Lock()
 		seconds := map[int64]int{}
 		most, tenth := 0, 0
 		for t, n := range s.starts {
 			seconds[t/10] += n
 			most, tenth = max(most, seconds[t/10]), max(tenth, n)
 		}
-		vals = []int{len(s.backends), most, tenth}
-		s.mu.Unlock()
-	default:
-		vals = []int{1}
+		return []int{len(s.backends), most, tenth}
 	}
+	return []int{1}
+}
+
+// answer sends a simple query's reply of one row, vals.
+func answer(be *pgproto3.Backend, vals []int) {
 	var rd pgproto3.RowDescription
 	var row pgproto3.DataRow
 	for i, v := range vals {
@@ -388,13 +439,13 @@ func (s *Server) answer(be *pgproto3.Backend, sql string) {
 }
 
 // exit ends p's backend, unless a restart ended it already.
-func (s *Server) exit(p *pending, started int64) {
+func (s *Server) exit(p *pending) {
 	_ = p.conn.Close()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.backends[p]; ok {
-		delete(s.backends, p)
-		s.uncount(started)
+	if s.backends[p.pid] == p {
+		delete(s.backends, p.pid)
+		s.uncount(p.started)
 		s.spend(time.Duration(s.m.Exit))
 	}
 }
@@ -423,14 +474,14 @@ func (s *Server) Restart() error {
 	}
 	s.state = stopping
 	exiting := make([]*pending, 0, len(s.backends))
-	for p := range s.backends {
+	for _, p := range s.backends {
 		exiting = append(exiting, p)
 	}
 	s.mu.Unlock()
 	for _, p := range exiting {
 		time.Sleep(time.Duration(s.m.DownPerBackend))
 		s.mu.Lock()
-		if _, ok := s.backends[p]; ok {
+		if s.backends[p.pid] == p {
 			s.terminate(p)
 		}
 		s.mu.Unlock()
@@ -453,7 +504,7 @@ func (s *Server) terminate(p *pending) {
 	msg, _ := (&pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P01", Message: "terminating connection due to administrator command"}).Encode(nil)
 	_, _ = p.conn.Write(msg)
 	_ = p.conn.Close()
-	delete(s.backends, p)
+	delete(s.backends, p.pid)
 	s.uncount(p.started)
 }
 
@@ -464,7 +515,7 @@ func (s *Server) shutdown() {
 		_ = p.conn.reset()
 	}
 	s.queue = nil
-	for p := range s.backends {
+	for _, p := range s.backends {
 		s.terminate(p)
 	}
 	clear(s.starts)

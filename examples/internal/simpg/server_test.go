@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -267,6 +268,33 @@ func TestAFullBacklogDropsTheSYN(t *testing.T) {
 	})
 }
 
+// A SYN dropped at every retransmission times out, as Linux's does after
+// its six (tcp_syn_retries): 127s after the connect began.
+func TestASYNDroppedSixTimesTimesOut(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := testModel()
+		m.Backlog = 1
+		m.Capacity = []Point{{0, 0.001}} // a fork of 1,000s
+		s := start(t, m)
+		for range 2 { // one forking, one in the queue
+			c, err := s.Dial(t.Context(), "tcp", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			synctest.Wait()
+		}
+		begin := time.Now()
+		_, err := s.Dial(t.Context(), "tcp", "")
+		if !errors.Is(err, syscall.ETIMEDOUT) {
+			t.Errorf("dial into a backlog full for good: %v, want ETIMEDOUT", err)
+		}
+		if got := time.Since(begin); got != 127*time.Second {
+			t.Errorf("it timed out after %v, want 127s (1+2+4+8+16+32+64)", got)
+		}
+	})
+}
+
 func TestFactsQueriesAnswerFromTheServersState(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		s := start(t, testModel())
@@ -457,4 +485,67 @@ func sharedSlowdown(u float64, cores int) float64 {
 		p *= u / float64(k+1)
 	}
 	return sum + (1-mass)*max(1, (1+u)/c)
+}
+
+// Query answers on a session without the wire protocol what the backend
+// answers through it, in the same time; a session a restart ended is gone,
+// and its connection carries the 57P01; a query whose context
+// ends returns its error.
+func TestQueryAnswersAsTheProtocolDoes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := testModel()
+		m.Query = Duration(5 * time.Millisecond)
+		s := start(t, m)
+		c, err := connect(t.Context(), t, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pid := int(c.PID())
+		for _, sql := range []string{"select 1", engine.FactsQuery, engine.FactsHistoryQuery} {
+			begin := time.Now()
+			rs, err := c.Exec(t.Context(), sql).ReadAll()
+			if err != nil {
+				t.Fatal(err)
+			}
+			overWire := time.Since(begin)
+			var want []int
+			for _, v := range rs[0].Rows[0] {
+				n, err := strconv.Atoi(string(v))
+				if err != nil {
+					t.Fatal(err)
+				}
+				want = append(want, n)
+			}
+			begin = time.Now()
+			got, err := s.Query(t.Context(), pid, sql)
+			if err != nil || !slices.Equal(got, want) {
+				t.Errorf("Query(%q) = %v, %v; want %v, as over the wire", sql, got, err, want)
+			}
+			if took := time.Since(begin); took != overWire {
+				t.Errorf("Query(%q) took %v, want %v, as over the wire", sql, took, overWire)
+			}
+		}
+		if _, err := s.Query(t.Context(), pid+1, "select 1"); !errors.Is(err, ErrNoSession) {
+			t.Errorf("Query on no session: %v, want ErrNoSession", err)
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), time.Millisecond)
+		defer cancel()
+		if _, err := s.Query(ctx, pid, "select 1"); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Query past its deadline: %v, want context.DeadlineExceeded", err)
+		}
+
+		restarted := make(chan error)
+		go func() { restarted <- s.Restart() }()
+		synctest.Wait()
+		if _, err := s.Query(t.Context(), pid, "select 1"); !errors.Is(err, ErrNoSession) {
+			t.Errorf("Query on a session the restart ended: %v, want ErrNoSession", err)
+		}
+		var pe *pgconn.PgError
+		if _, err := c.Exec(t.Context(), "select 1").ReadAll(); !errors.As(err, &pe) || pe.Code != "57P01" {
+			t.Errorf("query on the ended session's connection: %v, want 57P01", err)
+		}
+		if err := <-restarted; err != nil {
+			t.Fatal(err)
+		}
+	})
 }
