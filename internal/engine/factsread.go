@@ -25,6 +25,18 @@ const factsPerConn = 10 * time.Millisecond
 // per second in all too.
 const historyPerConn = 100 * time.Millisecond
 
+// rampPerConn is the least interval between a reader's first reads, per
+// connection the server held. Each process of a fleet reads at once, then
+// after 1s (600ms for an early reader), 2s, 4s and so on up to its
+// interval, to follow a fleet that is still connecting, and reads the
+// history at its second read. A process joining a server that already
+// holds many connections would pay those reads, each costing as much as
+// the server holds, and a fleet joining one process after another would
+// pay them all, however long its members had run. Below 3,200 connections
+// (1,920 for an early reader) the bound is shorter than the first
+// interval, and nothing changes.
+const rampPerConn = factsPerConn / 32
+
 // firstGap is the wait after an early reader's first read, ±15%: at least
 // minFactsGap (500ms) apart, the growth between two reads counts toward
 // the peak rate.
@@ -48,15 +60,21 @@ var ErrFactsReply = errors.New("pgstagger: unexpected reply to the server facts 
 // reader, see [NewFactsReader]), then twice as long each time up to every
 // (a fleet that has just started has not finished connecting; two reads
 // apart see its rate), each interval ±15% so that a fleet's reads do not
-// line up. The second read also reads when the backends started (by then
+// line up, and none shorter than rampPerConn per connection the server
+// held. The second read also reads when the backends started (by then
 // a fleet that started together has, and its fastest second shows), and
 // so does a later one at most every 4 × every, or historyPerConn per
-// connection held if that is longer. Due costs one atomic load.
+// connection held if that is longer. On a server holding so many that
+// rampPerConn delays the second read, the first history read comes
+// instead at a random point of historyPerConn per connection held, so that
+// a fleet joining it one process after another reads the history as often
+// as one that has run a while. Due costs one atomic load.
 type FactsReader struct {
 	g     *Gate
 	every time.Duration
 	rand  jitter.Rand
-	early bool // the first read reads the history too
+	early bool          // the first read reads the history too
+	first time.Duration // the interval after the first read, before rampPerConn
 
 	due atomic.Bool // a read is due; the caller of Due that clears it reads
 
@@ -76,13 +94,14 @@ type FactsReader struct {
 // bounds the pacer's baseline ([Gate.LearnFacts]), which matters while the
 // pool still has connects to make, perhaps inside a storm.
 func NewFactsReader(g *Gate, every time.Duration, r jitter.Rand, early bool) *FactsReader {
-	f := &FactsReader{g: g, every: every, rand: r, interval: min(time.Second, every), early: early}
+	f := &FactsReader{g: g, every: every, rand: r, first: min(time.Second, every), early: early}
 	if early {
 		// The second read comes sooner, just far enough from the first
 		// for the growth between them to count as a rate.
-		f.interval = min(firstGap, every)
+		f.first = min(firstGap, every)
 		g.AwaitFacts()
 	}
+	f.interval = f.first
 	f.due.Store(true)
 	return f
 }
@@ -107,7 +126,7 @@ func (f *FactsReader) Read(query FactsQuerier) error {
 	ctx, cancel := context.WithTimeout(context.Background(), max(factsTimeout, 2*f.g.ConnectTime()))
 	defer cancel()
 	now := time.Now()
-	history := f.reads == 1 || (f.reads == 0 && f.early) || (f.reads > 1 && !now.Before(f.nextHistory))
+	history := (f.reads == 0 && f.early) || (f.reads > 0 && !now.Before(f.nextHistory))
 	sql, columns := FactsQuery, 1
 	if history {
 		sql, columns = FactsHistoryQuery, 3
@@ -127,7 +146,14 @@ func (f *FactsReader) Read(query FactsQuerier) error {
 		held, starts, tenth := vals[0], 0, 0
 		if history {
 			starts, tenth = vals[1], vals[2]
-			f.nextHistory = now.Add(max(4*f.every, time.Duration(held)*historyPerConn))
+		}
+		switch d := time.Duration(held) * historyPerConn; {
+		case f.reads == 0 && time.Duration(held)*rampPerConn > f.first:
+			f.nextHistory = now.Add(time.Duration(f.rand() * float64(d)))
+		case f.reads == 0:
+			// The second read reads the history.
+		case history:
+			f.nextHistory = now.Add(max(4*f.every, d))
 		}
 		f.reads++
 		f.g.LearnFacts(held, starts, tenth, time.Now())
@@ -155,15 +181,17 @@ func CannotReadFacts(err error) bool {
 	return errors.Is(err, ErrFactsReply)
 }
 
-// schedule makes the next read due after the current interval, ±15%, and
-// doubles the interval up to every, or factsPerConn per connection the
-// server held if that is longer.
+// schedule makes the next read due after the current interval, at least
+// rampPerConn per connection the server held, ±15%, and doubles the
+// interval up to every, or factsPerConn per connection held if that is
+// longer.
 func (f *FactsReader) schedule(held int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
 		return
 	}
+	f.interval = max(f.interval, time.Duration(held)*rampPerConn)
 	wait := time.Duration(float64(f.interval) * (0.85 + 0.3*f.rand()))
 	f.interval = min(2*f.interval, max(f.every, time.Duration(held)*factsPerConn))
 	f.timer = time.AfterFunc(wait, func() { f.due.Store(true) })
