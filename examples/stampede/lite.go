@@ -33,11 +33,12 @@ import (
 // What it keeps is pgstagger's: a litePool installs a real Dialer on a
 // pgxpool configuration, and a connect calls the gate's hooks, LookupFunc,
 // DialFunc and AfterNetConnect in pgconn's order, then speaks the startup
-// and simple query protocol itself (liteConn). The gate, its pacer,
-// recovery and retries, and the server facts reader are the library's
-// code. What it re-creates is pgconn's and pgxpool's (puddle's) behaviour
-// for MaxConns = MinConns = 1, checked against them figure by figure at
-// 10,000 workers (BENCHMARKS.md, eleventh session): the background fill
+// and simple query protocol itself (liteConn), or has the simulated server
+// answer its queries by a call (simpg.Server.Query) in the same simulated
+// time. The gate, its pacer, recovery and retries, and the server facts
+// reader are the library's code. What it re-creates is pgconn's and
+// pgxpool's (puddle's) behaviour for MaxConns = MinConns = 1, checked
+// against them figure by figure at 10,000 workers (BENCHMARKS.md, eleventh session): the background fill
 // at start, then a health check every minute and half a second after a
 // released connection is destroyed; Acquire's creation, which outlives an
 // acquirer that gives up; a ping before handing out a connection idle for
