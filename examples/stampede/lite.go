@@ -38,14 +38,14 @@ import (
 // time. The gate, its pacer, recovery and retries, and the server facts
 // reader are the library's code. What it re-creates is pgconn's and
 // pgxpool's (puddle's) behaviour for MaxConns = MinConns = 1, checked
-// against them figure by figure at 10,000 workers (BENCHMARKS.md, eleventh session): the background fill
-// at start, then a health check every minute and half a second after a
-// released connection is destroyed; Acquire's creation, which outlives an
-// acquirer that gives up; a ping before handing out a connection idle for
-// over a second, counted from the start of its creation, then from its
-// last release; a destroy after a failed ping, which triggers no health
-// check; and pgstagger's Pool's retry around Acquire, with the connection
-// of a caller the gate shed made in the background.
+// against them figure by figure at 10,000 workers (BENCHMARKS.md, eleventh
+// session): the background fill at start, then a health check every minute
+// and half a second after a released connection is destroyed; Acquire's
+// creation, which outlives an acquirer that gives up; a ping before handing
+// out a connection idle for over a second, counted from the start of its
+// creation, then from its last release; a destroy after a failed ping, which
+// triggers no health check; and pgstagger's Pool's retry around Acquire,
+// with the connection of a caller the gate shed made in the background.
 
 // liteConn is one connection made without pgconn.
 type liteConn struct {

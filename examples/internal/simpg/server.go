@@ -2,19 +2,19 @@
 // -simulate mode. Its postmaster forks one backend at a time from a listen
 // queue, each fork taking longer the more backends it holds; a full queue
 // drops the SYN, and the client's kernel retransmits it after 1s, 2s, 4s,
-// ..., and gives up after six, as Linux's does. Its backends answer a client's startup message at once, refusing it past
-// max_connections (53300) or while the server starts (57P03) or else asking
-// for its authentication, then start up beside the queue, speak enough
-// of the wire protocol for pgx (the simple query protocol), and answer
-// pgstagger's server facts queries from the server's state. A restart ends
-// the sessions one at a time (57P01) while it answers new connections
-// 57P03, then refuses connections, then answers 57P03 again. The
-// queries and backend exits of the last second take their share of the
-// machine's CPU: a postmaster working through a queue forks slower by
-// that share, while a process woken to do a little work (the fork of a
-// connection that found the postmaster waiting, a backend's start-up, a
-// query) waits only while more run than there are cores. The numbers are
-// a [Model]'s.
+// ..., and gives up after six, as Linux's does. Its backends answer a
+// client's startup message at once, refusing it past max_connections (53300)
+// or while the server starts (57P03) or else asking for its authentication,
+// then start up beside the queue, speak enough of the wire protocol for pgx
+// (the simple query protocol), and answer pgstagger's server facts queries
+// from the server's state. A restart ends the sessions one at a time (57P01)
+// while it answers new connections 57P03, then refuses connections, then
+// answers 57P03 again. The queries and backend exits of the last second take
+// their share of the machine's CPU: a postmaster working through a queue
+// forks slower by that share, while a process woken to do a little work (the
+// fork of a connection that found the postmaster waiting, a backend's
+// start-up, a query) waits only while more run than there are cores. The
+// numbers are a [Model]'s.
 //
 // It keeps time with the time package, so that in a testing/synctest bubble
 // a fleet of any size runs against it on simulated time, through the real
