@@ -206,8 +206,9 @@ func WithLifetimeJitter(d time.Duration) Option {
 // 10ms per connection the server holds if that is longer (a fleet's counts
 // cost the server in all about 10µs per process and second), each ±15%.
 // On a server holding more than 3,200 connections the first intervals are
-// longer too, 10ms ÷ 32 per connection at least, and the first read of
-// when the backends started waits a random part of 100ms per connection:
+// longer too, 10ms ÷ 32 per connection at least, and a pool of one reads
+// when the backends started first at a random point of 100ms per
+// connection (a pool of several keeps its second read, below):
 // each read costs the server about as much as it holds, and a fleet
 // joining one process after another would otherwise pay every process's
 // first reads at the server's full size (simulated, 100,000 workers

@@ -33,8 +33,10 @@ const historyPerConn = 100 * time.Millisecond
 // holds many connections would pay those reads, each costing as much as
 // the server holds, and a fleet joining one process after another would
 // pay them all, however long its members had run. Below 3,200 connections
-// (1,920 for an early reader) the bound is shorter than the first
-// interval, and nothing changes.
+// the bound is shorter than the first interval, and nothing changes. An
+// early reader's second read keeps its 600ms and its history: its pacer
+// waits for that read ([Gate.AwaitFacts]), and a fleet of pools has a
+// reader per pool, not per connection.
 const rampPerConn = factsPerConn / 32
 
 // firstGap is the wait after an early reader's first read, ±15%: at least
@@ -61,14 +63,15 @@ var ErrFactsReply = errors.New("pgstagger: unexpected reply to the server facts 
 // (a fleet that has just started has not finished connecting; two reads
 // apart see its rate), each interval ±15% so that a fleet's reads do not
 // line up, and none shorter than rampPerConn per connection the server
-// held. The second read also reads when the backends started (by then
-// a fleet that started together has, and its fastest second shows), and
-// so does a later one at most every 4 × every, or historyPerConn per
-// connection held if that is longer. On a server holding so many that
-// rampPerConn delays the second read, the first history read comes
-// instead at a random point of historyPerConn per connection held, so that
-// a fleet joining it one process after another reads the history as often
-// as one that has run a while. Due costs one atomic load.
+// held (but an early reader's second read). The second read also reads
+// when the backends started (by then a fleet that started together has,
+// and its fastest second shows), and so does a later one at most every
+// 4 × every, or historyPerConn per connection held if that is longer. On
+// a server holding so many that rampPerConn delays the second read, a
+// reader that is not early reads the history first at a random point of
+// historyPerConn per connection held instead, so that a fleet joining it
+// one process after another reads the history as often as one that has
+// run a while. Due costs one atomic load.
 type FactsReader struct {
 	g     *Gate
 	every time.Duration
@@ -148,7 +151,7 @@ func (f *FactsReader) Read(query FactsQuerier) error {
 			starts, tenth = vals[1], vals[2]
 		}
 		switch d := time.Duration(held) * historyPerConn; {
-		case f.reads == 0 && time.Duration(held)*rampPerConn > f.first:
+		case f.reads == 0 && !f.early && time.Duration(held)*rampPerConn > f.first:
 			f.nextHistory = now.Add(time.Duration(f.rand() * float64(d)))
 		case f.reads == 0:
 			// The second read reads the history.
@@ -182,16 +185,18 @@ func CannotReadFacts(err error) bool {
 }
 
 // schedule makes the next read due after the current interval, at least
-// rampPerConn per connection the server held, ±15%, and doubles the
-// interval up to every, or factsPerConn per connection held if that is
-// longer.
+// rampPerConn per connection the server held (but an early reader's second
+// read), ±15%, and doubles the interval up to every, or factsPerConn per
+// connection held if that is longer. Only the reader calls it.
 func (f *FactsReader) schedule(held int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
 		return
 	}
-	f.interval = max(f.interval, time.Duration(held)*rampPerConn)
+	if !f.early || f.reads != 1 {
+		f.interval = max(f.interval, time.Duration(held)*rampPerConn)
+	}
 	wait := time.Duration(float64(f.interval) * (0.85 + 0.3*f.rand()))
 	f.interval = min(2*f.interval, max(f.every, time.Duration(held)*factsPerConn))
 	f.timer = time.AfterFunc(wait, func() { f.due.Store(true) })

@@ -12,26 +12,31 @@ import (
 // connections none comes sooner than rampPerConn per connection held, and
 // the history waits a random part of historyPerConn per connection held:
 // a fleet joining a large server one process after another must not pay
-// every process's ramp at the server's full size.
+// every process's ramp at the server's full size. An early reader (a pool
+// of several) keeps its second read, with the history, after 600ms.
 func TestFactsReadsRampWithWhatTheServerHolds(t *testing.T) {
 	type read struct {
 		at      time.Duration
 		history bool
 	}
 	for _, c := range []struct {
-		name string
-		held int
-		want []read
+		name  string
+		held  int
+		early bool
+		want  []read
 	}{
-		{"a fleet still connecting", 100, []read{{0, false}, {time.Second, true}, {3 * time.Second, false}, {7 * time.Second, false}}},
+		{"a fleet still connecting", 100, false, []read{{0, false}, {time.Second, true}, {3 * time.Second, false}, {7 * time.Second, false}}},
 		// rampPerConn × 100,000 = 31.25s; the history at half of
 		// 100,000 × historyPerConn, 5,000s.
-		{"a large server", 100_000, []read{{0, false}, {31250 * time.Millisecond, false}, {93750 * time.Millisecond, false}, {218750 * time.Millisecond, false}}},
+		{"a large server", 100_000, false, []read{{0, false}, {31250 * time.Millisecond, false}, {93750 * time.Millisecond, false}, {218750 * time.Millisecond, false}}},
+		// A pool of several: its second read, which its pacer waits
+		// for, as on any server.
+		{"a pool on a large server", 100_000, true, []read{{0, true}, {600 * time.Millisecond, true}, {31850 * time.Millisecond, false}, {94350 * time.Millisecond, false}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				// rand 0.5: every interval exactly, no ±15%.
-				f := NewFactsReader(&Gate{}, 30*time.Second, func() float64 { return 0.5 }, false)
+				f := NewFactsReader(&Gate{}, 30*time.Second, func() float64 { return 0.5 }, c.early)
 				defer f.Close()
 				begin := time.Now()
 				var got []read
