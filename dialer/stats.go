@@ -30,8 +30,9 @@ type Stats struct {
 	PlainAfterTLSRefused int64
 
 	// What the pool last read of the server (zero before the first
-	// read; see pool.WithServerFacts), and the reconnect window it calls
-	// for.
+	// read, and for a pool that reads nothing, as a configured fleet's
+	// pool of one by default; see pool.WithServerFacts), and the
+	// reconnect window it calls for.
 	ServerConns    int           // connections to a database the server held
 	ServerPeakRate float64       // the fastest growth of ServerConns between two reads, per second
 	ServerFactsAt  time.Time     // when ServerConns was read

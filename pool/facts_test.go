@@ -155,6 +155,35 @@ func TestServerFactsOff(t *testing.T) {
 	}
 }
 
+// A configured fleet's pool of one connection reads no facts unless told
+// to, whether the fleet comes from options or the connection string; a
+// fleet's pool of several still reads them.
+func TestAFleetsPoolOfOneReadsNoFactsUnlessTold(t *testing.T) {
+	fleet := []Option{WithFleet(1, 1000), WithStartupJitter(0)}
+	for _, tc := range []struct {
+		name  string
+		url   string
+		opts  []Option
+		reads bool
+	}{
+		{"fleet, pool of one", db(t).ConnString("", "pool_max_conns=1"), fleet, false},
+		{"fleet from the connection string, pool of one", db(t).ConnString("", "pool_max_conns=1", "pgstagger_fleet_size=1", "pgstagger_fleet_budget=1000"), nil, false},
+		{"fleet, pool of one, told", db(t).ConnString("", "pool_max_conns=1"), append(fleet, WithServerFacts(time.Minute)), true},
+		{"fleet, pool of two", db(t).ConnString("", "pool_max_conns=2"), fleet, true},
+		{"no fleet, pool of one", db(t).ConnString("", "pool_max_conns=1"), []Option{WithStartupJitter(0)}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPool(t, tc.url, tc.opts...)
+			if _, err := p.Exec(context.Background(), "select 1"); err != nil {
+				t.Fatal(err)
+			}
+			if read := !p.Dialer().Stats().ServerFactsAt.IsZero(); read != tc.reads {
+				t.Errorf("facts read: %v, want %v", read, tc.reads)
+			}
+		})
+	}
+}
+
 // After a restart the process learns of it from the session the server
 // ended (57P01), not from a refused dial, and its reconnect waits for its
 // place in the window the server's facts call for: a wall-clock cycle as

@@ -98,7 +98,11 @@ func NewWithConfig(ctx context.Context, cfg *pgxpool.Config, opts ...Option) (*P
 		return nil, err
 	}
 	p.g = engine.Installed(inner.ConnConfig.Tracer)
-	p.facts = newServerFacts(inner, p.g, pc.factsEvery, pc.rand)
+	every := pc.factsEvery
+	if !pc.factsSet && !p.g.ReadsFacts(inner.MaxConns) {
+		every = 0
+	}
+	p.facts = newServerFacts(inner, p.g, every, pc.rand)
 	metrics, hooks, err := newPoolMetrics(pc.meterProvider, p.g.PoolName())
 	if err != nil {
 		return nil, err

@@ -304,7 +304,9 @@ func newLitePool(ctx context.Context, cfg *pgxpool.Config, d *dialer.Dialer, que
 			return nil, err
 		}
 		p.g = engine.Installed(cfg.ConnConfig.Tracer)
-		p.facts = engine.NewFactsReader(p.g, pool.DefaultServerFactsEvery, jitter.Float64, false)
+		if p.g.ReadsFacts(cfg.MaxConns) {
+			p.facts = engine.NewFactsReader(p.g, pool.DefaultServerFactsEvery, jitter.Float64, false)
+		}
 		ctx = engine.WarmUpContext(ctx)
 	}
 	p.cfg = &cfg.ConnConfig.Config
