@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -484,53 +485,69 @@ func TestAPoolsSecondConnectWaitsForTheFirstFactsRead(t *testing.T) {
 // The history query counts, on a real server, what the start times of the
 // backends connected to a database show: the most that started within one
 // calendar second and within one tenth of a second, as counted here from
-// the same snapshot of pg_stat_activity. The server's own processes, which
-// all start with it, have no database.
+// the same snapshot of the backends' status; on a server holding many,
+// among every k-th backend only. The server's own processes, which all
+// start with it, have no database.
 func TestFactsHistoryQueryCountsTheConnectedBackendsStartTimes(t *testing.T) {
 	c := ownCluster(t, testdb.Options{})
 	// Two bursts 1.1s apart: they fall in different seconds.
 	holdOthers(t, c, 3)
 	time.Sleep(1100 * time.Millisecond)
-	holdOthers(t, c, 2)
+	holdOthers(t, c, 4)
 	ctx := t.Context()
 	conn, err := pgx.Connect(ctx, c.ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close(ctx)
-	// One transaction: one snapshot of the backends' status.
-	tx, err := conn.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
+	// The query samples one backend in held ÷ 1,000 from 2,000 held; here,
+	// one in held ÷ 3, every second or third of the 8 or 9.
+	sampled := strings.Replace(engine.FactsHistoryQuery, "held / 1000", "held / 3", 1)
+	if sampled == engine.FactsHistoryQuery {
+		t.Fatal("no \"held / 1000\" in the history query to sample with")
 	}
-	defer tx.Rollback(ctx)
-	var got [3]int
-	if err := tx.QueryRow(ctx, engine.FactsHistoryQuery).Scan(&got[0], &got[1], &got[2]); err != nil {
-		t.Fatal(err)
-	}
-	rows, err := tx.Query(ctx, `select floor(extract(epoch from backend_start) * 10)::bigint from pg_stat_activity
-		where datid is not null and backend_start is not null`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tenths, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := [3]int{len(tenths), 0, 0}
-	for _, end := range tenths {
-		var second, tenth int
-		for _, u := range tenths {
-			if u/10 == end/10 {
-				second++
-			}
-			if u == end {
-				tenth++
-			}
+	for _, query := range []string{engine.FactsHistoryQuery, sampled} {
+		// One transaction: one snapshot of the backends' status.
+		tx, err := conn.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
 		}
-		want[1], want[2] = max(want[1], second), max(want[2], tenth)
-	}
-	if got != want {
-		t.Errorf("history query = %v, want %v (held, one second, one tenth) from the start times %v", got, want, tenths)
+		var got [4]int
+		if err := tx.QueryRow(ctx, query).Scan(&got[0], &got[1], &got[2], &got[3]); err != nil {
+			t.Fatal(err)
+		}
+		rows, err := tx.Query(ctx, `select id, floor(extract(epoch from pg_stat_get_backend_start(id)) * 10)::bigint
+			from pg_stat_get_backend_idset() as id where pg_stat_get_backend_dbid(id) <> 0 and pg_stat_get_backend_start(id) is not null`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		backends, err := pgx.CollectRows(rows, pgx.RowToStructByPos[struct{ ID, Tenth int64 }])
+		_ = tx.Rollback(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := 1
+		if query == sampled {
+			k = max(1, len(backends)/3)
+		}
+		want := [4]int{len(backends), k, 0, 0}
+		for _, end := range backends {
+			var second, tenth int
+			for _, u := range backends {
+				if u.ID%int64(k) != 0 || end.ID%int64(k) != 0 {
+					continue
+				}
+				if u.Tenth/10 == end.Tenth/10 {
+					second++
+				}
+				if u.Tenth == end.Tenth {
+					tenth++
+				}
+			}
+			want[2], want[3] = max(want[2], second), max(want[3], tenth)
+		}
+		if got != want {
+			t.Errorf("history query (k %d) = %v, want %v (held, k, one second, one tenth) from the backends %v", k, got, want, backends)
+		}
 	}
 }

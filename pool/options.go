@@ -207,16 +207,17 @@ func WithLifetimeJitter(d time.Duration) Option {
 // 10ms per connection the server holds if that is longer (a fleet's counts
 // cost the server in all about 10µs per process and second), each ±15%.
 // On a server holding more than 3,200 connections the first intervals are
-// longer too, 10ms ÷ 32 per connection at least, and a pool of one reads
-// when the backends started first at a random point of 100ms per
-// connection (a pool of several keeps its second read, below):
-// each read costs the server about as much as it holds, and a fleet
-// joining one process after another would otherwise pay every process's
-// first reads at the server's full size (simulated, 100,000 workers
+// longer too, 10ms ÷ 32 per connection at least (a pool of several keeps
+// its second read, below): each read costs the server about as much as it
+// holds, and a fleet joining one process after another would otherwise
+// pay every process's first reads at the server's full size. The second
+// read, and one at most every 4 × every or 100ms per connection held,
+// also counts when the backends started, on a server holding 2,000 or
+// more among a sample of a thousand or so (simulated, 100,000 workers
 // joining at 679 a second and querying every 2 minutes: the server's CPU
 // demand, queries included, 5.3 to 7.0 of its 2 cores from 55,000 to
-// 81,000 connections held, 1.9 to 2.5 with the longer intervals). Zero
-// turns it off.
+// 81,000 connections held with neither, 0.7 to 2.2 with both). Zero turns
+// it off.
 // Default [DefaultServerFactsEvery] (30s), but off for a configured fleet's
 // pool of one connection ([WithFleet] or pgstagger_fleet_size, and
 // MaxConns 1): its reconnect window is the fleet's, so the facts would

@@ -21,7 +21,7 @@ import (
 const factsPerConn = 10 * time.Millisecond
 
 // historyPerConn is the same for the history read ([FactsHistoryQuery]),
-// which costs the server about a microsecond per backend: about n × 10µs
+// which costs the server up to a microsecond per backend: about n × 10µs
 // per second in all too.
 const historyPerConn = 100 * time.Millisecond
 
@@ -34,9 +34,9 @@ const historyPerConn = 100 * time.Millisecond
 // the server holds, and a fleet joining one process after another would
 // pay them all, however long its members had run. Below 3,200 connections
 // the bound is shorter than the first interval, and nothing changes. An
-// early reader's second read keeps its 600ms and its history: its pacer
-// waits for that read ([Gate.AwaitFacts]), and a fleet of pools has a
-// reader per pool, not per connection.
+// early reader's second read keeps its 600ms: its pacer waits for that
+// read ([Gate.AwaitFacts]), and a fleet of pools has a reader per pool,
+// not per connection.
 const rampPerConn = factsPerConn / 32
 
 // firstGap is the wait after an early reader's first read, ±15%: at least
@@ -65,19 +65,15 @@ var ErrFactsReply = errors.New("pgstagger: unexpected reply to the server facts 
 // line up, and none shorter than rampPerConn per connection the server
 // held (but an early reader's second read). The second read also reads
 // when the backends started (by then a fleet that started together has,
-// and its fastest second shows), and so does a later one at most every
-// 4 × every, or historyPerConn per connection held if that is longer. On
-// a server holding so many that rampPerConn delays the second read, a
-// reader that is not early reads the history first at a random point of
-// historyPerConn per connection held instead, so that a fleet joining it
-// one process after another reads the history as often as one that has
-// run a while. Due costs one atomic load.
+// and its fastest second shows; on a server holding thousands, a sample,
+// see [FactsHistoryQuery]), and so does a later one at most every
+// 4 × every, or historyPerConn per connection held if that is longer. Due
+// costs one atomic load.
 type FactsReader struct {
 	g     *Gate
 	every time.Duration
 	rand  jitter.Rand
-	early bool          // the first read reads the history too
-	first time.Duration // the interval after the first read, before rampPerConn
+	early bool // the first read reads the history too
 
 	due atomic.Bool // a read is due; the caller of Due that clears it reads
 
@@ -97,14 +93,13 @@ type FactsReader struct {
 // bounds the pacer's baseline ([Gate.LearnFacts]), which matters while the
 // pool still has connects to make, perhaps inside a storm.
 func NewFactsReader(g *Gate, every time.Duration, r jitter.Rand, early bool) *FactsReader {
-	f := &FactsReader{g: g, every: every, rand: r, first: min(time.Second, every), early: early}
+	f := &FactsReader{g: g, every: every, rand: r, interval: min(time.Second, every), early: early}
 	if early {
 		// The second read comes sooner, just far enough from the first
 		// for the growth between them to count as a rate.
-		f.first = min(firstGap, every)
+		f.interval = min(firstGap, every)
 		g.AwaitFacts()
 	}
-	f.interval = f.first
 	f.due.Store(true)
 	return f
 }
@@ -147,7 +142,7 @@ func (f *FactsReader) Read(query FactsQuerier) error {
 	history := (f.reads == 0 && f.early) || (f.reads > 0 && !now.Before(f.nextHistory))
 	sql, columns := FactsQuery, 1
 	if history {
-		sql, columns = FactsHistoryQuery, 3
+		sql, columns = FactsHistoryQuery, 4
 	}
 	vals, err := query(ctx, sql)
 	if err == nil && len(vals) != columns {
@@ -163,15 +158,14 @@ func (f *FactsReader) Read(query FactsQuerier) error {
 	case err == nil:
 		held, starts, tenth := vals[0], 0, 0
 		if history {
-			starts, tenth = vals[1], vals[2]
+			// Every k-th backend's counts: k times as many started.
+			k := max(1, vals[1])
+			starts, tenth = k*vals[2], k*vals[3]
 		}
-		switch d := time.Duration(held) * historyPerConn; {
-		case f.reads == 0 && !f.early && time.Duration(held)*rampPerConn > f.first:
-			f.nextHistory = now.Add(time.Duration(f.rand() * float64(d)))
-		case f.reads == 0:
-			// The second read reads the history.
-		case history:
-			f.nextHistory = now.Add(max(4*f.every, d))
+		if history && f.reads > 0 {
+			// The first read's history (an early reader's) is read
+			// again at the second, after the storm it may have met.
+			f.nextHistory = now.Add(max(4*f.every, time.Duration(held)*historyPerConn))
 		}
 		f.reads++
 		f.g.LearnFacts(held, starts, tenth, time.Now())

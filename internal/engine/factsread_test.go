@@ -26,9 +26,9 @@ func TestFactsReadsRampWithWhatTheServerHolds(t *testing.T) {
 		want  []read
 	}{
 		{"a fleet still connecting", 100, false, []read{{0, false}, {time.Second, true}, {3 * time.Second, false}, {7 * time.Second, false}}},
-		// rampPerConn × 100,000 = 31.25s; the history at half of
-		// 100,000 × historyPerConn, 5,000s.
-		{"a large server", 100_000, false, []read{{0, false}, {31250 * time.Millisecond, false}, {93750 * time.Millisecond, false}, {218750 * time.Millisecond, false}}},
+		// rampPerConn × 100,000 = 31.25s; the history at the second
+		// read, sampled (FactsHistoryQuery).
+		{"a large server", 100_000, false, []read{{0, false}, {31250 * time.Millisecond, true}, {93750 * time.Millisecond, false}, {218750 * time.Millisecond, false}}},
 		// A pool of several: its second read, which its pacer waits
 		// for, as on any server.
 		{"a pool on a large server", 100_000, true, []read{{0, true}, {600 * time.Millisecond, true}, {31850 * time.Millisecond, false}, {94350 * time.Millisecond, false}}},
@@ -48,7 +48,7 @@ func TestFactsReadsRampWithWhatTheServerHolds(t *testing.T) {
 					var history bool
 					err := f.Read(func(_ context.Context, sql string) ([]int, error) {
 						if history = sql == FactsHistoryQuery; history {
-							return []int{c.held, 1, 1}, nil
+							return []int{c.held, 1, 1, 1}, nil
 						}
 						return []int{c.held}, nil
 					})
@@ -65,5 +65,30 @@ func TestFactsReadsRampWithWhatTheServerHolds(t *testing.T) {
 				}
 			})
 		})
+	}
+}
+
+// A sampled history (every k-th backend, FactsHistoryQuery) counts for k
+// times as many starts.
+func TestASampledHistoryCountsForKTimesAsMany(t *testing.T) {
+	g := &Gate{}
+	f := NewFactsReader(g, 30*time.Second, func() float64 { return 0.5 }, true)
+	defer f.Close()
+	if !f.Due() {
+		t.Fatal("an early reader's first read is not due at once")
+	}
+	err := f.Read(func(_ context.Context, sql string) ([]int, error) {
+		if sql != FactsHistoryQuery {
+			t.Fatalf("an early reader's first read ran %q, want the history", sql)
+		}
+		// 5,000 held, every 5th backend: 100 of them in the fastest
+		// second, 20 in the fastest tenth.
+		return []int{5000, 5, 100, 20}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := g.Facts(); got.Held != 5000 || got.PeakRate != 500 || got.ForkRate != 990 {
+		t.Errorf("facts %+v, want 5000 held, peak rate 500/s, fork rate 990/s", got)
 	}
 }

@@ -324,7 +324,10 @@ func (s *Server) run(sql string) time.Duration {
 	case engine.FactsQuery:
 		extra = time.Duration(s.m.FactsPerBackend) * time.Duration(len(s.backends))
 	case engine.FactsHistoryQuery:
-		extra = time.Duration(s.m.HistoryPerBackend) * time.Duration(len(s.backends))
+		// The count's scan of every backend, and the history's work on
+		// the sample.
+		n, k := len(s.backends), historySample(len(s.backends))
+		extra = time.Duration(s.m.FactsPerBackend)*time.Duration(n) + time.Duration(s.m.HistoryPerBackend-s.m.FactsPerBackend)*time.Duration((n+k-1)/k)
 	}
 	s.spend(time.Duration(s.m.QueryCPU) + time.Duration(s.m.QueryCPUPerBackend)*time.Duration(len(s.backends)) + extra)
 	return s.stretched(time.Duration(s.m.Query)+extra, false)
@@ -419,10 +422,17 @@ func (s *Server) values(sql string) []int {
 			seconds[t/10] += n
 			most, tenth = max(most, seconds[t/10]), max(tenth, n)
 		}
-		return []int{len(s.backends), most, tenth}
+		// The sample's counts as expected, not drawn: every k-th backend
+		// of those started in one second is a k-th of them.
+		k := historySample(len(s.backends))
+		return []int{len(s.backends), k, (most + k/2) / k, (tenth + k/2) / k}
 	}
 	return []int{1}
 }
+
+// historySample is engine.FactsHistoryQuery's k with held backends: every
+// k-th one's start time counts.
+func historySample(held int) int { return max(1, held/1000) }
 
 // answer sends a simple query's reply of one row, vals.
 func answer(be *pgproto3.Backend, vals []int) {

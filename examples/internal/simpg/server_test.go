@@ -324,8 +324,8 @@ func TestFactsQueriesAnswerFromTheServersState(t *testing.T) {
 		if got := ints(engine.FactsQuery); len(got) != 1 || got[0] != "5" {
 			t.Errorf("facts = %v, want [5]", got)
 		}
-		if got := ints(engine.FactsHistoryQuery); len(got) != 3 || got[0] != "5" || got[1] != "4" || got[2] != "3" {
-			t.Errorf("facts with history = %v, want [5 4 3]: four started within one second, three within a tenth", got)
+		if got := ints(engine.FactsHistoryQuery); len(got) != 4 || got[0] != "5" || got[1] != "1" || got[2] != "4" || got[3] != "3" {
+			t.Errorf("facts with history = %v, want [5 1 4 3]: all five counted, four started within one second, three within a tenth", got)
 		}
 		for _, c := range conns {
 			c.Close(context.Background())
