@@ -52,6 +52,7 @@ type Server struct {
 	gen      int               // guarded by mu: restarts so far
 	backends map[int]*pending  // guarded by mu: client backends by process ID
 	starts   map[int64]int     // guarded by mu: client backends by the tenth of a second they started
+	seconds  map[int64]int     // guarded by mu: the same by the second, for the history query
 	pids     int               // guarded by mu: backends forked, for their pids
 	cpu      [10]time.Duration // guarded by mu: the queries' CPU in each tenth of the last second
 	cpuSlot  int64             // guarded by mu: the tenth of a second cpu's newest slot is
@@ -86,6 +87,7 @@ func New(m Model) (*Server, error) {
 		addr:     &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5432},
 		backends: map[int]*pending{},
 		starts:   map[int64]int{},
+		seconds:  map[int64]int{},
 		done:     make(chan struct{}),
 	}
 	s.wake.L = &s.mu
@@ -219,6 +221,7 @@ func (s *Server) backend(p *pending, pid int) {
 		p.pid, p.started = pid, started
 		s.backends[pid] = p
 		s.starts[started]++
+		s.seconds[started/10]++
 	}
 	s.mu.Unlock()
 	if fatal != nil {
@@ -416,11 +419,12 @@ func (s *Server) values(sql string) []int {
 	case engine.FactsQuery:
 		return []int{len(s.backends)}
 	case engine.FactsHistoryQuery:
-		seconds := map[int64]int{}
 		most, tenth := 0, 0
-		for t, n := range s.starts {
-			seconds[t/10] += n
-			most, tenth = max(most, seconds[t/10]), max(tenth, n)
+		for _, n := range s.seconds {
+			most = max(most, n)
+		}
+		for _, n := range s.starts {
+			tenth = max(tenth, n)
 		}
 		// The sample's counts as expected, not drawn: every k-th backend
 		// of those started in one second is a k-th of them.
@@ -463,6 +467,9 @@ func (s *Server) exit(p *pending) {
 func (s *Server) uncount(started int64) {
 	if s.starts[started]--; s.starts[started] <= 0 {
 		delete(s.starts, started)
+	}
+	if s.seconds[started/10]--; s.seconds[started/10] <= 0 {
+		delete(s.seconds, started/10)
 	}
 }
 
@@ -529,6 +536,7 @@ func (s *Server) shutdown() {
 		s.terminate(p)
 	}
 	clear(s.starts)
+	clear(s.seconds)
 }
 
 func (s *Server) setState(st state) {
