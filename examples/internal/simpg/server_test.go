@@ -327,7 +327,15 @@ func TestFactsQueriesAnswerFromTheServersState(t *testing.T) {
 		if got := ints(engine.FactsHistoryQuery); len(got) != 4 || got[0] != "5" || got[1] != "1" || got[2] != "4" || got[3] != "3" {
 			t.Errorf("facts with history = %v, want [5 1 4 3]: all five counted, four started within one second, three within a tenth", got)
 		}
-		for _, c := range conns {
+		// The first three leave: their starts no longer count.
+		for _, c := range conns[:3] {
+			c.Close(context.Background())
+		}
+		synctest.Wait()
+		if got := ints(engine.FactsHistoryQuery); len(got) != 4 || got[0] != "2" || got[1] != "1" || got[2] != "1" || got[3] != "1" {
+			t.Errorf("facts with history after three left = %v, want [2 1 1 1]", got)
+		}
+		for _, c := range conns[3:] {
 			c.Close(context.Background())
 		}
 		synctest.Wait()
