@@ -75,6 +75,17 @@ func (e *end) Read(p []byte) (int, error) {
 	}
 }
 
+// wait waits until a read would not: for data, the peer's close, the
+// end's own, or its read deadline.
+func (e *end) wait() {
+	h := e.in
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for len(h.buf) == 0 && h.eof == nil && !h.gone && (h.deadline.IsZero() || time.Now().Before(h.deadline)) {
+		h.cond.Wait()
+	}
+}
+
 func (e *end) Write(p []byte) (int, error) {
 	h := e.out
 	h.mu.Lock()

@@ -248,8 +248,17 @@ func (s *Server) backend(p *pending, pid int) {
 	if be.Flush() != nil {
 		return
 	}
+	// The session's Backend, and the 8 KiB buffer pgproto3 keeps with
+	// it, come with the client's first message, not before: the idle
+	// sessions of a simulated fleet (the stampede demo's lite client
+	// sends none) would each hold one.
+	be = nil
 	failed := false // in an extended-protocol batch that failed: skip to Sync
 	for {
+		if be == nil {
+			p.conn.wait()
+			be = pgproto3.NewBackend(p.conn, p.conn)
+		}
 		msg, err := be.Receive()
 		if err != nil {
 			return
