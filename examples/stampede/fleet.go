@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,7 +82,7 @@ type runResult struct {
 // acquires cfg.conns connections and runs a query on each, within its
 // deadline; it is ready when all succeeded. A bystander connects every 25ms
 // throughout.
-func runFleet(ctx context.Context, cfg runConfig, by *bystander, progress bool) (runResult, error) {
+func runFleet(ctx context.Context, cfg runConfig, by *bystander, show func(string)) (runResult, error) {
 	base, err := pgxpool.ParseConfig(cfg.srv.url)
 	if err != nil {
 		return runResult{}, err
@@ -152,15 +151,12 @@ loop:
 		case <-done:
 			break loop
 		case <-tick.C:
-			if progress {
+			if show != nil {
 				last, _ := by.last()
-				fmt.Fprintf(os.Stderr, "\r%-10s %5.1fs  ready %5d/%d  failed %5d  bystander's last connect %8s ",
-					cfg.name, time.Since(start).Seconds(), ready.Load(), cfg.fleet, failed.Load(), last.Round(time.Millisecond))
+				show(fmt.Sprintf("%-10s %5.1fs  ready %5d/%d  failed %5d  bystander's last connect %8s",
+					cfg.name, time.Since(start).Seconds(), ready.Load(), cfg.fleet, failed.Load(), last.Round(time.Millisecond)))
 			}
 		}
-	}
-	if progress {
-		fmt.Fprintf(os.Stderr, "\r%100s\r", "")
 	}
 	// Watch the server settle, then stop the bystander.
 	time.Sleep(500 * time.Millisecond)

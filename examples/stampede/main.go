@@ -177,31 +177,16 @@ func demo(ctx context.Context, out io.Writer, o options) error {
 }
 
 func startScenario(ctx context.Context, out io.Writer, o options, idle time.Duration, capacity float64, progress bool) error {
-	newBystander := func() *bystander {
-		return &bystander{srv: o.srv, interval: o.bystander, timeout: 60 * time.Second}
-	}
-	runs, err := allRuns(o)
+	results, err := eachRun(ctx, out, o, idle, progress,
+		func(rc runConfig) string {
+			return fmt.Sprintf("%s: %d workers × %d connection(s) start at once...", rc.name, o.fleet, o.conns)
+		},
+		func(rc runConfig, show func(string)) (runResult, error) {
+			rc.fleet, rc.conns, rc.deadline = o.fleet, o.conns, o.deadline
+			return runFleet(ctx, rc, &bystander{srv: rc.srv, interval: o.bystander, timeout: 60 * time.Second}, show)
+		})
 	if err != nil {
 		return err
-	}
-	var results []runResult
-	for _, rc := range runs {
-		// Start each run on a quiet server: the capacity measurement, or
-		// the run before, leaves a backlog that the bystander's first
-		// connects would otherwise wait in.
-		if err := waitQuiet(ctx, o.srv, idle); err != nil {
-			return err
-		}
-		rc.srv, rc.fleet, rc.conns, rc.deadline = o.srv, o.fleet, o.conns, o.deadline
-		fmt.Fprintf(out, "%s: %d workers × %d connection(s) start at once...\n", rc.name, o.fleet, o.conns)
-		res, err := runFleet(ctx, rc, newBystander(), progress)
-		if err != nil {
-			return err
-		}
-		results = append(results, res)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
 	}
 	fmt.Fprintln(out)
 	report(out, o, idle, capacity, results)

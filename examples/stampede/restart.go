@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -81,38 +80,30 @@ func restartScenario(ctx context.Context, out io.Writer, o options, idle time.Du
 	if o.srv.restart == nil {
 		return errors.New("-scenario restart restarts the server: it needs the throwaway cluster, not -url")
 	}
-	runs, err := allRuns(o)
-	if err != nil {
-		return err
-	}
 	// A restart in the fleet's steady state, not within a window of its
 	// start: by then every bucket has refilled.
 	settle := time.Duration(float64(o.fleet*o.conns) / o.budget * float64(time.Second))
 	// How long the demo waits for every worker to be back: three
 	// budgeted windows, a minute at least.
 	watch := max(time.Minute, 3*settle)
-	var results []restartResult
-	for i, rc := range runs {
-		if i > 0 {
-			if err := waitQuiet(ctx, o.srv, idle); err != nil {
-				return err
+	warm := "warm up"
+	if o.warmUp == "spread" {
+		warm = fmt.Sprintf("start over %s", sec(settle))
+	}
+	results, err := eachRun(ctx, out, o, idle, progress,
+		func(rc runConfig) string {
+			return fmt.Sprintf("%s: %d workers × %d connection(s) %s, then the server restarts...", rc.name, o.fleet, o.conns, warm)
+		},
+		func(rc runConfig, show func(string)) (restartResult, error) {
+			rc.fleet, rc.conns, rc.every = o.fleet, o.conns, o.every
+			rc.settle, rc.watch = settle, watch
+			if o.warmUp == "spread" {
+				rc.spread = settle
 			}
-		}
-		rc.srv, rc.fleet, rc.conns, rc.every = o.srv, o.fleet, o.conns, o.every
-		rc.settle, rc.watch = settle, watch
-		if o.warmUp == "spread" {
-			rc.spread = settle
-		}
-		warm := "warm up"
-		if rc.spread > 0 {
-			warm = fmt.Sprintf("start over %s", sec(rc.spread))
-		}
-		fmt.Fprintf(out, "%s: %d workers × %d connection(s) %s, then the server restarts...\n", rc.name, o.fleet, o.conns, warm)
-		res, err := runRestart(ctx, rc, &bystander{srv: o.srv, interval: o.bystander, timeout: 60 * time.Second}, progress)
-		if err != nil {
-			return err
-		}
-		results = append(results, res)
+			return runRestart(ctx, rc, &bystander{srv: rc.srv, interval: o.bystander, timeout: 60 * time.Second}, show)
+		})
+	if err != nil {
+		return err
 	}
 	fmt.Fprintln(out)
 	row := tableRow(out, results)
@@ -266,7 +257,7 @@ const steadyState = 15 * time.Second
 // runRestart warms a fleet up, restarts the server under it and watches it
 // recover. Each worker queries every cfg.every (100ms by default) with a
 // 2s deadline.
-func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool) (restartResult, error) {
+func runRestart(ctx context.Context, cfg runConfig, by *bystander, show func(string)) (restartResult, error) {
 	base, err := pgxpool.ParseConfig(cfg.srv.url)
 	if err != nil {
 		return restartResult{}, err
@@ -345,14 +336,14 @@ func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool
 		})
 	}
 	for !allSince(lastOK, time.Time{}) {
-		if progress {
+		if show != nil {
 			n := 0
 			for i := range lastOK {
 				if lastOK[i].Load() != 0 {
 					n++
 				}
 			}
-			fmt.Fprintf(os.Stderr, "\r%-10s %5.1fs warming up  ready %5d/%d ", cfg.name, time.Since(warmStart).Seconds(), n, cfg.fleet)
+			show(fmt.Sprintf("%-10s %5.1fs warming up  ready %5d/%d", cfg.name, time.Since(warmStart).Seconds(), n, cfg.fleet))
 		}
 		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
 			return restartResult{}, err
@@ -390,7 +381,7 @@ func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool
 			res.recovered = time.Unix(0, latest).Sub(restartAt)
 			break
 		}
-		if progress {
+		if show != nil {
 			n := 0
 			for i := range lastOK {
 				if lastOK[i].Load() >= upAt.UnixNano() {
@@ -398,15 +389,12 @@ func runRestart(ctx context.Context, cfg runConfig, by *bystander, progress bool
 				}
 			}
 			last, _ := by.last()
-			fmt.Fprintf(os.Stderr, "\r%-10s %5.1fs after the restart  recovered %5d/%d  bystander's last connect %8s ",
-				cfg.name, time.Since(restartAt).Seconds(), n, cfg.fleet, last.Round(time.Millisecond))
+			show(fmt.Sprintf("%-10s %5.1fs after the restart  recovered %5d/%d  bystander's last connect %8s",
+				cfg.name, time.Since(restartAt).Seconds(), n, cfg.fleet, last.Round(time.Millisecond)))
 		}
 		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
 			return res, err
 		}
-	}
-	if progress {
-		fmt.Fprintf(os.Stderr, "\r%100s\r", "")
 	}
 	if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
 		return res, err

@@ -23,6 +23,10 @@ type server struct {
 	// query runs the lite client's queries on the simulated server
 	// without the wire protocol (simpg.Server.Query); nil: through it.
 	query queryFunc
+	// sideBySide, for a simulated server, starts run in a bubble of its
+	// own against a simulated server of its own, and returns a function
+	// that waits for it to return (see eachRun); nil for a real server.
+	sideBySide func(run func(srv *server)) (wait func())
 }
 
 // queryFunc runs sql on the session of backend pid and returns its one row.

@@ -2,6 +2,11 @@ package main
 
 import (
 	"context"
+	"io"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -53,7 +58,7 @@ func simulatedStart(t *testing.T, client string) {
 		}
 		run := func(rc runConfig) runResult {
 			rc.srv, rc.fleet, rc.conns, rc.deadline = s, fleet, 1, time.Minute
-			res, err := runFleet(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, false)
+			res, err := runFleet(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -94,7 +99,7 @@ func TestSimulatedRestartSpreadsTheReconnects(t *testing.T) {
 				}
 				rc := runs[0]
 				rc.srv, rc.fleet, rc.conns, rc.every, rc.settle, rc.watch = s, fleet, 1, time.Second, time.Second, time.Minute
-				res, err := runRestart(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, false)
+				res, err := runRestart(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -136,7 +141,7 @@ func TestSpreadWarmUpStartsWorkersEvenly(t *testing.T) {
 			started[i] = time.Since(begin)
 			return newPool(ctx, cfg, i)
 		}
-		res, err := runRestart(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, false)
+		res, err := runRestart(context.Background(), rc, &bystander{srv: s, interval: 25 * time.Millisecond, timeout: time.Minute}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -149,4 +154,90 @@ func TestSpreadWarmUpStartsWorkersEvenly(t *testing.T) {
 			t.Errorf("%d of %d workers recovered", len(res.firstOKs), fleet)
 		}
 	})
+}
+
+// On simulated time the runs go side by side (eachRun with sideBySide),
+// each in a bubble of its own against a server of its own, as many at
+// once as there are cores: with two, the first two are under way together
+// and the third begins once the first has ended. Each lite fleet gets in
+// and queries its own server; the results come back in the runs' order.
+func TestSimulatedRunsGoSideBySide(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	const fleet = 20
+	var (
+		mu      sync.Mutex
+		queries []*atomic.Int64 // by run, the lite client's on its server
+		ended   [3]bool         // by run
+		third   []bool          // ended when the third began
+	)
+	// The first two runs wait for each other (real time bounds the
+	// wait, a guard, not the synchronization): one after the other,
+	// neither would end.
+	arrived, together := make(chan struct{}, 2), make(chan struct{})
+	go func() {
+		defer close(together)
+		for range 2 {
+			select {
+			case <-arrived:
+			case <-time.After(10 * time.Second):
+				t.Error("the first two runs were not under way at once")
+				return
+			}
+		}
+	}()
+	o := options{runs: "pgxpool,pgstagger,configured", fleet: fleet, budget: 100, client: "lite", srv: &server{
+		sideBySide: func(run func(*server)) func() {
+			done := make(chan struct{})
+			go synctest.Test(t, func(t *testing.T) {
+				defer close(done)
+				s, _ := simulatedServer(t, fleet, "lite")
+				n, query := new(atomic.Int64), s.query
+				s.query = func(ctx context.Context, pid int, sql string) ([]int, error) {
+					n.Add(1)
+					return query(ctx, pid, sql)
+				}
+				mu.Lock()
+				queries = append(queries, n)
+				mu.Unlock()
+				run(s)
+			})
+			return func() { <-done }
+		},
+	}}
+	results, err := eachRun(context.Background(), io.Discard, o, time.Millisecond, false,
+		func(rc runConfig) string { return rc.name },
+		func(rc runConfig, show func(string)) (runResult, error) {
+			i := slices.Index([]string{"pgxpool", "pgstagger", "configured"}, rc.name)
+			mu.Lock()
+			if i == 2 {
+				third = slices.Clone(ended[:])
+			}
+			mu.Unlock()
+			if i < 2 {
+				arrived <- struct{}{}
+				<-together
+			}
+			rc.fleet, rc.conns, rc.deadline = fleet, 1, time.Minute
+			res, err := runFleet(context.Background(), rc, &bystander{srv: rc.srv, interval: 25 * time.Millisecond, timeout: time.Minute}, show)
+			mu.Lock()
+			ended[i] = true
+			mu.Unlock()
+			return res, err
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(third, []bool{true, false, false}) {
+		t.Errorf("when the third run began, the runs had ended: %v, want the first only", third)
+	}
+	for i, n := range queries {
+		if n.Load() == 0 {
+			t.Errorf("no queries on run %d's server", i)
+		}
+	}
+	for i, want := range []string{"pgxpool", "pgstagger", "configured"} {
+		if r := results[i]; r.name != want || r.failed > 0 {
+			t.Errorf("result %d: %s with %d workers failed (%s), want %s with none", i, r.name, r.failed, r.firstErr, want)
+		}
+	}
 }
