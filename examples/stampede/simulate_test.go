@@ -188,19 +188,23 @@ func TestSimulatedRunsGoSideBySide(t *testing.T) {
 	o := options{runs: "pgxpool,pgstagger,configured", fleet: fleet, budget: 100, client: "lite", srv: &server{
 		sideBySide: func(run func(*server)) func() {
 			done := make(chan struct{})
-			go synctest.Test(t, func(t *testing.T) {
+			go func() {
+				// Done once Test has returned: a bubble's test ends
+				// after its function, and before its parent must.
 				defer close(done)
-				s, _ := simulatedServer(t, fleet, "lite")
-				n, query := new(atomic.Int64), s.query
-				s.query = func(ctx context.Context, pid int, sql string) ([]int, error) {
-					n.Add(1)
-					return query(ctx, pid, sql)
-				}
-				mu.Lock()
-				queries = append(queries, n)
-				mu.Unlock()
-				run(s)
-			})
+				synctest.Test(t, func(t *testing.T) {
+					s, _ := simulatedServer(t, fleet, "lite")
+					n, query := new(atomic.Int64), s.query
+					s.query = func(ctx context.Context, pid int, sql string) ([]int, error) {
+						n.Add(1)
+						return query(ctx, pid, sql)
+					}
+					mu.Lock()
+					queries = append(queries, n)
+					mu.Unlock()
+					run(s)
+				})
+			}()
 			return func() { <-done }
 		},
 	}}
