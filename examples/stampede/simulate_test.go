@@ -158,9 +158,10 @@ func TestSpreadWarmUpStartsWorkersEvenly(t *testing.T) {
 
 // On simulated time the runs go side by side (eachRun with sideBySide),
 // each in a bubble of its own against a server of its own, as many at
-// once as there are cores: with two, the first two are under way together
-// and the third begins once the first has ended. Each lite fleet gets in
-// and queries its own server; the results come back in the runs' order.
+// once as there are cores: with two, the first two are under way
+// together, and the third begins once the first has ended (the second
+// may have too). Each lite fleet gets in and queries its own server; the
+// results come back in the runs' order.
 func TestSimulatedRunsGoSideBySide(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
 	const fleet = 20
@@ -231,8 +232,8 @@ func TestSimulatedRunsGoSideBySide(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(third, []bool{true, false, false}) {
-		t.Errorf("when the third run began, the runs had ended: %v, want the first only", third)
+	if len(third) != 3 || !third[0] {
+		t.Errorf("when the third run began, the runs had ended: %v, want the first among them", third)
 	}
 	for i, n := range queries {
 		if n.Load() == 0 {
