@@ -3,12 +3,17 @@
 //
 // It starts a throwaway cluster (or uses -url), measures the postmaster's
 // capacity (connections admitted per second at saturation) and an idle
-// connect, then starts the same fleet twice: -fleet workers, each with a
-// pool of its own as separate processes would have, all at the same instant,
-// each acquiring -conns connections within -deadline. A bystander client
-// opens a fresh connection every 25ms throughout and records how long the
+// connect, then starts the same fleet once for each of -runs (plain
+// pgxpool, pgstagger with no options, pgstagger configured), one run after
+// another: -fleet workers, each with a pool of its own as separate
+// processes would have, all at the same instant, each acquiring -conns
+// connections within -deadline. A bystander client opens a fresh
+// connection every 25ms or more throughout and records how long the
 // postmaster takes to let it in. It prints a table and writes an SVG chart
-// of the bystander's connect latency over time.
+// of the bystander's connect latency over time. -scenario restart restarts
+// the server under a fleet that keeps its connections instead; -simulate
+// runs any scenario against a simulated postmaster, the runs side by side
+// (see simulate).
 package main
 
 import (
