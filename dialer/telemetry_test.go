@@ -326,30 +326,40 @@ func TestTLSHandshakeSpan(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	env := newOtelEnv(t)
-	d, err := New(append(env.opts(), WithStartupJitter(0))...)
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg, err := ParseConfig(c.ConnString(""))
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := d.Connect(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
+	// A wait outside every child span would leave the same gap in each
+	// connect; a preemption of this goroutine on a busy machine leaves one
+	// in a single connect (5 ms of 70 in 1 of 60 connects beside two busy
+	// loops). So the coverage asked for is the best of three connects,
+	// each by a fresh dialer.
+	var best float64
+	for range 3 {
+		env := newOtelEnv(t)
+		d, err := New(append(env.opts(), WithStartupJitter(0))...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := d.Connect(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close(context.Background())
+		spans := env.Spans.Ended()
+		cs := named(spans, engine.SpanConnect)[0]
+		kids := childrenOf(spans, cs)
+		if got, want := spanNames(kids), []string{engine.SpanSetup, engine.SpanLookup, engine.SpanDial, engine.SpanTLS, engine.SpanStartup}; !slices.Equal(got, want) {
+			t.Fatalf("children = %v, want %v", got, want)
+		}
+		if tls := named(kids, engine.SpanTLS); tls[0].Status().Code == codes.Error {
+			t.Fatalf("TLS span failed: %v", tls[0].Status())
+		}
+		best = max(best, coverage(cs, kids))
+		if best >= 0.95 {
+			return
+		}
 	}
-	conn.Close(context.Background())
-	spans := env.Spans.Ended()
-	cs := named(spans, engine.SpanConnect)[0]
-	kids := childrenOf(spans, cs)
-	if got, want := spanNames(kids), []string{engine.SpanSetup, engine.SpanLookup, engine.SpanDial, engine.SpanTLS, engine.SpanStartup}; !slices.Equal(got, want) {
-		t.Errorf("children = %v, want %v", got, want)
-	}
-	if cov := coverage(cs, kids); cov < 0.95 {
-		t.Errorf("children cover %.1f%%, want at least 95%%", 100*cov)
-	}
-	if tls := named(kids, engine.SpanTLS); len(tls) == 1 && tls[0].Status().Code == codes.Error {
-		t.Errorf("TLS span failed: %v", tls[0].Status())
-	}
+	t.Errorf("children cover at most %.1f%% of the connect span in three connects, want at least 95%%", 100*best)
 }
